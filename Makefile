@@ -1,0 +1,32 @@
+# Two commands for a fresh machine: `make demo` and `make test` (see README.md).
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO_N ?= 2000
+
+.PHONY: install demo test lint lock clean-demo
+
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the locked dependencies
+
+demo: install  ## synthesise the built-in data set and run the retrain flow on it
+	test -f demo-data/labels.csv || $(BIN)/autolabel synth demo-data --n $(DEMO_N) --seed 0
+	$(BIN)/autolabel run --images demo-data --labels demo-data/labels.csv --workspace workspace
+
+test: install  ## the whole test suite
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check flows tasks tests bench
+
+lock:  ## refresh requirements.lock from the current venv (after changing pyproject.toml)
+	$(BIN)/pip freeze --exclude-editable | grep -v '^aoi-autolabel' > requirements.lock
+
+clean-demo:
+	rm -rf workspace demo-data

@@ -1,0 +1,156 @@
+"""The ``autolabel`` command line."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from flows import environment
+
+app = typer.Typer(
+    help="Turn folders of unlabelled AOI defect images into reviewed, versioned, traceable label sets.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@app.command()
+def synth(
+    out: Annotated[Path, typer.Argument(help="Folder to create (must be new or empty).")],
+    n: Annotated[int, typer.Option("--n", help="Number of images (>= 50).")] = 2000,
+    seed: Annotated[int, typer.Option(help="Random seed: the same seed gives byte-identical files.")] = 0,
+) -> None:
+    """Write the built-in synthetic AOI data set of IC-package defects, with labels.csv and planted bad files."""
+    from tasks.synthetic import generate
+
+    try:
+        report = generate(out, n=n, seed=seed)
+    except (ValueError, FileExistsError) as exc:
+        _fail(str(exc))
+    counts = ", ".join(f"{k} {v}" for k, v in sorted(report.class_counts.items(), key=lambda kv: -kv[1]))
+    console.print(f"{report.n_images} images ({counts}); {len(report.planted)} planted bad files")
+    print(report.out)
+
+
+@app.command()
+def run(
+    images: Annotated[Path, typer.Option(help="Folder of images (searched recursively).")],
+    labels: Annotated[
+        Optional[Path], typer.Option(help="Ground-truth CSV (path,label; paths relative to --images).")
+    ] = None,
+    workspace: Annotated[Path, typer.Option(help="Workspace folder (git + DVC repo, created if new).")] = Path(
+        "workspace"
+    ),
+    params: Annotated[
+        Optional[Path], typer.Option("--params", help="params.yaml to use (default: ./params.yaml if present).")
+    ] = None,
+    overrides: Annotated[
+        Optional[list[str]], typer.Option("--set", help="Override one parameter, e.g. --set embed.epochs=5.")
+    ] = None,
+) -> None:
+    """Run the retrain flow and publish a label set; the last line printed is the label set's path."""
+    from tasks.config import ParamsError, load_params
+
+    params_file = params if params is not None else (Path("params.yaml") if Path("params.yaml").is_file() else None)
+    try:
+        load_params(params_file, overrides)  # fail on bad params before anything starts
+    except ParamsError as exc:
+        _fail(str(exc))
+    if not images.is_dir():
+        _fail(f"image folder not found: {images}")
+    if labels is not None and not labels.is_file():
+        _fail(f"labels file not found: {labels}")
+    environment.configure(workspace)
+    from flows.retrain import retrain
+
+    try:
+        path = retrain(
+            images=str(images.resolve()),
+            workspace=str(workspace),
+            labels=str(labels.resolve()) if labels else None,
+            params_file=str(params_file.resolve()) if params_file else None,
+            overrides=list(overrides or []),
+        )
+    except Exception as exc:  # every failure ends in one clear line; the traceback is in the Prefect log
+        _fail(f"{type(exc).__name__}: {exc}", code=1)
+    _summary(workspace, Path(path))
+    print(path)
+
+
+def _summary(workspace: Path, path: Path) -> None:
+    ws = workspace.resolve()
+    console.print(
+        f"\n[bold green]Label set published[/]\n"
+        f"  labels     {path / 'labels.csv'}\n"
+        f"  montages   {path / 'montages'}/\n"
+        f"  manifest   {path / 'manifest.json'}\n"
+        f"  quarantine {ws / 'results/validate/quarantine.csv'}\n"
+        f"  metrics    {ws / 'results/evaluate/metrics.json'}\n"
+        f"  MLflow     sqlite:///{ws / 'mlflow.db'}\n"
+        f"Open the UIs on this workspace:\n"
+        f"  MLflow:  .venv/bin/mlflow ui --backend-store-uri sqlite:///{ws / 'mlflow.db'} --host 127.0.0.1 --port 5000\n"
+        f"  Prefect: PREFECT_HOME={ws / '.prefect'} .venv/bin/prefect server start --host 127.0.0.1 --port 4200",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help="validate | standardize | embed | cluster | evaluate | publish")],
+    workspace: Annotated[Path, typer.Option(help="Workspace folder (dvc repro runs this in it).")] = Path("."),
+) -> None:
+    """Run one pipeline stage in a workspace, reading its params.yaml (what dvc.yaml's stages call)."""
+    from tasks import stages, tracking, versioning
+    from tasks.config import ParamsError, load_params
+    from tasks.workspace import STAGES, Workspace
+
+    if name not in STAGES:
+        _fail(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
+    environment.configure(None)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ws = Workspace.at(workspace)
+    try:
+        params = load_params(ws.params)
+    except ParamsError as exc:
+        _fail(str(exc))
+    try:
+        if name != "publish":
+            getattr(stages, f"run_{name}")(ws, params)
+            return
+        data = {**versioning.current_data_version(ws), "remote": versioning.dvc(["remote", "list"], ws.root).strip()}
+        code = versioning.code_version()
+        run_id = tracking.start_run(ws, params.track.experiment, "dvc-repro", params.as_dict(), {
+            "autolabel.git_commit": code["git_commit"], "mlflow.source.git.commit": code["git_commit"],
+            "autolabel.data_md5": data["md5"], "autolabel.params_hash": params.digest(), "autolabel.driver": "dvc",
+        })
+        for s in STAGES[:-1]:
+            tracking.log_metrics(ws, run_id, s, ws.read_json(s))
+        models = stages.run_track(ws, params, run_id)
+        context = {"data": data, "code": code, "models": models, "mlflow_run_id": run_id,
+                   "mlflow_experiment": params.track.experiment, "mlflow_tracking_uri": tracking.tracking_uri(ws)}
+        path = stages.run_publish(ws, params, context)
+        tracking.log_artifacts(ws, run_id, path, f"labelset/{path.name}")
+        tracking.end_run(ws, run_id)
+        print(path)
+    except Exception as exc:
+        _fail(f"{type(exc).__name__}: {exc}", code=1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

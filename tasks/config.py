@@ -1,0 +1,190 @@
+"""Pipeline parameters: `params.yaml`, validated once, before any work starts.
+
+Every tunable lives in `params.yaml`, grouped by stage. Unknown keys, wrong types and out-of-range values stop
+the run with a message naming the key (e.g. ``embed.epochs: Input should be greater than or equal to 1``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ParamsError(ValueError):
+    """Raised when params.yaml or a ``--set`` override is invalid; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BaseParams(_Section):
+    seed: int = Field(0, ge=0, description="Seed for every random choice (synthesis, training, clustering).")
+    threads: int = Field(0, ge=0, description="torch threads; 0 = all cores.")
+
+
+class VersionParams(_Section):
+    remote: str | None = Field(None, description="DVC remote URL; default: <workspace>/dvc-remote (a local dir).")
+    push: bool = True
+
+
+class ValidateParams(_Section):
+    suite: str = Field("image_quality", description="Name of the GX suite file in tasks/suites/ (without .json).")
+    max_fail_share: float = Field(0.2, ge=0.0, le=1.0, description="Stop the run if more images than this fail.")
+    max_pixels: int = Field(50_000_000, ge=1, description="Images declaring more pixels are refused (bombs).")
+    min_side: int = Field(16, ge=1)
+    max_side: int = Field(20_000, ge=1)
+    max_aspect: float = Field(10.0, ge=1.0, description="Longest side / shortest side.")
+    min_contrast: float = Field(2.0, ge=0.0, description="Minimum grey-level std (0-255 scale): below = blank.")
+    min_sharpness: float = Field(
+        1.0, ge=0.0, description="Minimum variance of the Laplacian of the 128 px grey thumbnail: below = blurred."
+    )
+    formats: list[str] = Field(default_factory=lambda: ["PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP", "PPM"])
+    batch_size: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _sides(self) -> ValidateParams:
+        if self.min_side > self.max_side:
+            raise ValueError("min_side must not exceed max_side")
+        return self
+
+
+class StandardizeParams(_Section):
+    size: int = Field(64, ge=8, le=1024, description="Output side in pixels (square).")
+    lighting: Literal["none", "percentile", "equalize"] = Field(
+        "percentile", description="Per-image lighting normalisation."
+    )
+    percentiles: tuple[float, float] = (1.0, 99.0)
+
+    @model_validator(mode="after")
+    def _pct(self) -> StandardizeParams:
+        lo, hi = self.percentiles
+        if not 0.0 <= lo < hi <= 100.0:
+            raise ValueError("percentiles must satisfy 0 <= low < high <= 100")
+        return self
+
+
+class EmbedParams(_Section):
+    method: Literal["simclr"] = "simclr"
+    backbone: str = Field("resnet18", description="A torchvision classification model name.")
+    weights: str | None = Field(
+        None, description="Local ImageNet weights file (.pth) to start from; never downloaded."
+    )
+    input_size: int = Field(
+        32, ge=0, description="Side the backbone sees (standardised images are resized); 0 = as standardised."
+    )
+    dim: int = Field(128, ge=2, description="Projection-head output dimension.")
+    epochs: int = Field(15, ge=0, description="Self-supervised epochs (0 = use the backbone as it is).")
+    batch_size: int = Field(128, ge=4)
+    lr: float = Field(1e-3, gt=0.0)
+    temperature: float = Field(0.2, gt=0.0)
+    max_train_images: int = Field(20_000, ge=1, description="Subsample for training when there are more images.")
+
+
+class ClusterParams(_Section):
+    method: Literal["kmeans"] = "kmeans"
+    k: int = Field(8, ge=2)
+    n_init: int = Field(10, ge=1)
+    review_below: float = Field(
+        0.15, ge=0.0, le=1.0, description="Images whose confidence is below this go to the review queue."
+    )
+
+
+class PublishParams(_Section):
+    montage_size: int = Field(36, ge=1, description="Images per cluster montage (closest to the centre first).")
+
+
+class TrackParams(_Section):
+    experiment: str = "aoi-autolabel"
+    model_prefix: str = Field("aoi-autolabel", description="Registered models: <prefix>-embedder, -clusterer.")
+
+
+class Params(_Section):
+    base: BaseParams = BaseParams()
+    version: VersionParams = VersionParams()
+    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    standardize: StandardizeParams = StandardizeParams()
+    embed: EmbedParams = EmbedParams()
+    cluster: ClusterParams = ClusterParams()
+    publish: PublishParams = PublishParams()
+    track: TrackParams = TrackParams()
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    @property
+    def validate(self) -> ValidateParams:  # type: ignore[override]
+        """The `validate` section (stored as ``validate_`` to avoid pydantic's reserved name)."""
+        return self.validate_
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain, JSON-ready dict with the same keys as params.yaml."""
+        return self.model_dump(mode="json", by_alias=True)
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of the resolved params (the `params_hash` in lineage)."""
+        return hashlib.sha256(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = [f"invalid parameters in {source}:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]).replace("validate_", "validate")
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ParamsError(f"--set {item!r}: expected key=value, e.g. embed.epochs=5")
+    key, raw = item.split("=", 1)
+    path = key.strip().split(".")
+    if len(path) != 2 or not all(path):
+        raise ParamsError(f"--set {item!r}: key must be <section>.<name>, e.g. cluster.k=12")
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"--set {item!r}: value is not valid YAML ({exc})") from exc
+    return path, value
+
+
+def load_params(path: Path | None = None, overrides: list[str] | None = None) -> Params:
+    """Read params.yaml (defaults when ``path`` is None), apply ``section.key=value`` overrides, validate.
+
+    Raises:
+        ParamsError: naming the file and every offending key.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        if not Path(path).is_file():
+            raise ParamsError(f"params file not found: {path}")
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"{path} is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ParamsError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
+        data = loaded
+    for item in overrides or []:
+        (section, name), value = _parse_override(item)
+        current = data.setdefault(section, {})
+        if not isinstance(current, dict):
+            raise ParamsError(f"--set {item!r}: {section} is not a section")
+        current[name] = value
+        source = f"{source} + --set"
+    try:
+        return Params.model_validate(data)
+    except ValidationError as exc:
+        raise ParamsError(_format_error(exc, source)) from None
+
+
+def write_params(params: Params, path: Path) -> None:
+    """Write resolved params as YAML (what `dvc repro` in the workspace reads)."""
+    path.write_text(yaml.safe_dump(params.as_dict(), sort_keys=False))

@@ -1,0 +1,250 @@
+"""The pipeline's stages over a workspace: one implementation, two drivers.
+
+Each ``run_<stage>(ws, params)`` reads its inputs from and writes its outputs to ``<workspace>/results/<stage>/``
+(plus ``metrics.json``), exactly the ``deps``/``outs`` that ``dvc.yaml`` declares. The Prefect flow calls them as
+tasks (the ``*_task`` wrappers at the bottom); ``dvc repro`` calls them through ``autolabel stage <name>``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from tasks.config import Params
+from tasks.datasets import discover, read_labels
+from tasks.workspace import Workspace
+
+log = logging.getLogger("autolabel")
+
+
+class QualityGateError(RuntimeError):
+    """Too many images failed validation: the data, not the code, needs attention."""
+
+
+def _set_threads(params: Params) -> None:
+    import torch
+
+    torch.set_num_threads(params.base.threads or os.cpu_count() or 1)
+
+
+def _passed(ws: Workspace) -> list[str]:
+    path = ws.stage_dir("validate") / "passed.txt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the validate stage first")
+    return [line for line in path.read_text().splitlines() if line]
+
+
+def run_validate(ws: Workspace, params: Params) -> dict[str, Any]:
+    """Image stats → GX suite → ``quarantine.csv`` (image, reason) and ``passed.txt``."""
+    from tasks import quality
+
+    images = discover(ws.images).images
+    if not images:
+        raise ValueError(f"no images in {ws.images}: version the data first")
+    stats = quality.compute_stats(ws.images, images, params.validate.max_pixels)
+    result = quality.validate_stats(stats, params.validate)
+    out = ws.stage_dir("validate")
+    out.mkdir(parents=True, exist_ok=True)
+    stats.to_csv(out / "stats.csv", index=False)
+    result.quarantine[["image", "reason"]].to_csv(out / "quarantine.csv", index=False)
+    (out / "passed.txt").write_text("".join(f"{p}\n" for p in result.passed))
+    ws.write_json("validate", result.gx_result, name="gx_result.json")
+    metrics = {k: v for k, v in result.summary.items()}
+    ws.write_json("validate", metrics)
+    log.info("validate: %d passed, %d quarantined", len(result.passed), len(result.quarantine))
+    share = float(result.summary["fail_share"])
+    if share > params.validate.max_fail_share:
+        raise QualityGateError(
+            f"{share:.1%} of the images failed validation (limit validate.max_fail_share = "
+            f"{params.validate.max_fail_share:.1%}); see {out / 'quarantine.csv'}"
+        )
+    if len(result.passed) < 2:
+        raise QualityGateError(f"only {len(result.passed)} image(s) passed validation; see {out / 'quarantine.csv'}")
+    return metrics
+
+
+def run_standardize(ws: Workspace, params: Params) -> dict[str, Any]:
+    """Passed images → ``images.npy`` ``(N, size, size)`` uint8 and ``index.csv`` (image, sha256)."""
+    from tasks.standardize import standardize_all
+
+    passed = _passed(ws)
+    out = ws.stage_dir("standardize")
+    standardize_all(ws.images, passed, out / "images.npy", params.standardize, params.validate.max_pixels)
+    stats = pd.read_csv(ws.stage_dir("validate") / "stats.csv", usecols=["image", "file_sha256"])
+    sha = dict(zip(stats["image"], stats["file_sha256"]))
+    pd.DataFrame({"image": passed, "sha256": [sha[p] for p in passed]}).to_csv(out / "index.csv", index=False)
+    metrics = {"n_images": len(passed), "size": params.standardize.size, "lighting": params.standardize.lighting}
+    ws.write_json("standardize", metrics)
+    return metrics
+
+
+def run_embed(ws: Workspace, params: Params) -> dict[str, Any]:
+    """Self-supervised training on the standardised images, then a vector for every image."""
+    from tasks.embedding import embed_all, save_embedder, train_simclr
+
+    _set_threads(params)
+    images = np.load(ws.stage_dir("standardize") / "images.npy", mmap_mode="r")
+    out = ws.stage_dir("embed")
+    model, report = train_simclr(images, params.embed, params.base.seed, log=log.info)
+    save_embedder(model, params.embed, out / "model.pt")
+    import time
+
+    start = time.perf_counter()
+    vectors = embed_all(model, images, out / "vectors.npy")
+    metrics = {
+        "train_seconds": report.seconds,
+        "train_images": report.images,
+        "epochs": report.epochs,
+        "final_loss": report.final_loss,
+        "embed_seconds": round(time.perf_counter() - start, 2),
+        "dim": int(vectors.shape[1]),
+        "device": report.device,
+        "backbone": params.embed.backbone,
+    }
+    ws.write_json("embed", metrics)
+    return metrics
+
+
+def run_cluster(ws: Workspace, params: Params) -> dict[str, Any]:
+    """Vectors → clusters with a confidence per image (``assignments.csv``) and the fitted ``model.pkl``."""
+    import joblib
+
+    from tasks.clustering import cluster, internal_metrics
+
+    vectors = np.load(ws.stage_dir("embed") / "vectors.npy")
+    index = pd.read_csv(ws.stage_dir("standardize") / "index.csv")
+    result = cluster(vectors, params.cluster, params.base.seed)
+    out = ws.stage_dir("cluster")
+    pd.DataFrame(
+        {
+            "image": index["image"],
+            "cluster": result.labels,
+            "confidence": np.round(result.confidence, 6),
+            "distance": np.round(result.distance, 6),
+        }
+    ).to_csv(out / "assignments.csv", index=False)
+    joblib.dump(result.model, out / "model.pkl")
+    metrics = {"n_clusters": int(result.model.n_clusters), **internal_metrics(vectors, result.labels, params.base.seed)}
+    metrics["n_needs_review"] = int((result.confidence < params.cluster.review_below).sum())
+    ws.write_json("cluster", metrics)
+    return metrics
+
+
+def run_evaluate(ws: Workspace, params: Params) -> dict[str, Any]:
+    """External metrics when ``data/labels.csv`` has labels for the images; internal metrics always."""
+    from tasks.evaluation import evaluate
+
+    assignments = pd.read_csv(ws.stage_dir("cluster") / "assignments.csv")
+    cluster_metrics = ws.read_json("cluster")
+    validate_metrics = ws.read_json("validate")
+    metrics: dict[str, Any] = {
+        "n_images": int(len(assignments)),
+        "n_quarantined": int(validate_metrics["n_quarantined"]),
+        "n_clusters": int(cluster_metrics["n_clusters"]),
+        "silhouette": cluster_metrics["silhouette"],
+        "cluster_sizes": cluster_metrics["cluster_sizes"],
+        "nmi": None,
+        "ari": None,
+        "acc": None,
+        "macro_recall": None,
+        "per_class_recall": None,
+        "n_labelled": 0,
+    }
+    labels = read_labels(ws.labels, known=set(assignments["image"])) if ws.labels.is_file() else {}
+    if labels:
+        mask = assignments["image"].isin(labels.keys()).to_numpy()
+        y_true = [labels[p] for p in assignments["image"][mask]]
+        metrics.update(evaluate(y_true, assignments["cluster"].to_numpy()[mask]))
+        log.info("evaluate: acc %.3f nmi %.3f ari %.3f", metrics["acc"], metrics["nmi"], metrics["ari"])
+    ws.write_json("evaluate", metrics)
+    return metrics
+
+
+def run_track(ws: Workspace, params: Params, run_id: str) -> dict[str, dict[str, Any]]:
+    """Log and register the embedder and clusterer of this run in MLflow."""
+    import joblib
+
+    from tasks.embedding import load_embedder
+    from tasks.tracking import log_models
+
+    embedder = load_embedder(ws.stage_dir("embed") / "model.pt")
+    clusterer = joblib.load(ws.stage_dir("cluster") / "model.pkl")
+    models = log_models(ws, run_id, params.track.model_prefix, embedder, clusterer)
+    return {role: m.as_dict() for role, m in models.items()}
+
+
+def run_publish(ws: Workspace, params: Params, context: dict[str, Any]) -> Path:
+    """Write the label set (labels.csv, montages, manifest.json with the lineage) atomically.
+
+    ``context`` carries what only the driver knows: ``mlflow_run_id``, ``mlflow_experiment``,
+    ``prefect_flow_run_id``, ``prefect_deployment_id``, ``models``, ``code`` and ``data``.
+    """
+    from tasks.publishing import label_rows, labelset_id, montage, publish
+    from tasks.quality import suite_digest
+
+    assignments = pd.read_csv(ws.stage_dir("cluster") / "assignments.csv")
+    index = pd.read_csv(ws.stage_dir("standardize") / "index.csv")
+    rows = label_rows(
+        list(assignments["image"]),
+        list(index["sha256"]),
+        assignments["cluster"].to_numpy(),
+        assignments["confidence"].to_numpy(),
+        params.cluster.review_below,
+    )
+    labels_csv = rows.to_csv(index=False).encode()
+    import hashlib
+
+    labels_sha = hashlib.sha256(labels_csv).hexdigest()
+    human_hash = hashlib.sha256(b"").hexdigest()
+    data = context["data"]
+    set_id = labelset_id(data["md5"], params.digest(), labels_sha, human_hash)
+    images = np.load(ws.stage_dir("standardize") / "images.npy", mmap_mode="r")
+
+    def write_files(folder: Path) -> None:
+        (folder / "labels.csv").write_bytes(labels_csv)
+        (folder / "montages").mkdir()
+        for c, group in assignments.groupby("cluster"):
+            nearest = group.sort_values("distance").index[: params.publish.montage_size]
+            title = f"cluster {c}: {len(group)} images ({len(nearest)} closest to the centre)"
+            montage(images[np.sort(nearest.to_numpy())], title).save(folder / "montages" / f"cluster-{c}.png")
+
+    validate_metrics = ws.read_json("validate")
+    quarantine = pd.read_csv(ws.stage_dir("validate") / "quarantine.csv")
+    manifest = {
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "prefect": {
+            "flow_run_id": context.get("prefect_flow_run_id"),
+            "deployment_id": context.get("prefect_deployment_id"),
+        },
+        "mlflow": {
+            "run_id": context.get("mlflow_run_id"),
+            "experiment": context.get("mlflow_experiment"),
+            "tracking_uri": context.get("mlflow_tracking_uri"),
+        },
+        "code": context["code"],
+        "data": data,
+        "quality": {
+            "suite": params.validate.suite,
+            "suite_sha256": suite_digest(params.validate.suite),
+            "n_images": validate_metrics["n_images"],
+            "n_passed": validate_metrics["n_passed"],
+            "n_quarantined": validate_metrics["n_quarantined"],
+            "quarantined": quarantine.to_dict(orient="records"),
+        },
+        "params": params.as_dict(),
+        "params_hash": params.digest(),
+        "models": context.get("models", {}),
+        "human_inputs": {"cluster_names_sha256": None, "seed_labels_sha256": None, "hash": human_hash},
+        "metrics": ws.read_json("evaluate"),
+        "labels_sha256": labels_sha,
+    }
+    path, created = publish(ws.labelsets, set_id, write_files, manifest)
+    log.info("publish: %s %s", "wrote" if created else "already published, unchanged:", path)
+    ws.write_json("publish", {"labelset_id": set_id, "path": str(path), "created": created}, name="labelset.json")
+    return path

@@ -1,0 +1,209 @@
+"""Data versions with DVC (and code versions with git): the `version` step.
+
+The image folder is mirrored into ``<workspace>/data/images``, added to DVC and pushed to the remote; the data
+version is the ``.dir`` md5 DVC writes into ``data/images.dvc``. The workspace's git history records every data
+version. DVC is driven through its CLI, its stable interface.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tasks.datasets import discover
+from tasks.workspace import PROJECT_ROOT, Workspace
+
+_GIT_ENV = {
+    "GIT_AUTHOR_NAME": "aoi-autolabel",
+    "GIT_AUTHOR_EMAIL": "autolabel@localhost",
+    "GIT_COMMITTER_NAME": "aoi-autolabel",
+    "GIT_COMMITTER_EMAIL": "autolabel@localhost",
+}
+_WS_GITIGNORE = """\
+# written by aoi-autolabel: large or machine-local files stay out of git
+/dvc-remote/
+/mlflow.db
+/mlartifacts/
+/labelsets/
+/.prefect/
+/.gx/
+/.autolabel.lock
+"""
+
+
+class VersioningError(RuntimeError):
+    """A git or DVC command failed; the message carries the command and its output."""
+
+
+@dataclass(frozen=True)
+class DataVersion:
+    """What identifies the data of a run."""
+
+    md5: str
+    nfiles: int
+    size: int
+    remote: str
+    labels_md5: str | None
+    n_ignored: int
+    workspace_commit: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _run(cmd: list[str], cwd: Path, retries: int = 0) -> str:
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0"}
+    for key, value in _GIT_ENV.items():
+        env.setdefault(key, value)
+    for attempt in range(retries + 1):
+        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+        if proc.returncode == 0:
+            return proc.stdout
+        output = (proc.stderr + proc.stdout).strip()
+        if "Unable to acquire lock" in output and attempt < retries:
+            time.sleep(min(2**attempt, 10))
+            continue
+        if "Unable to acquire lock" in output:
+            raise VersioningError(
+                f"DVC repository in {cwd} is locked by another process (another run in this workspace?): {output}"
+            )
+        raise VersioningError(f"`{' '.join(cmd)}` failed in {cwd} (exit {proc.returncode}):\n{output}")
+    raise AssertionError("unreachable")
+
+
+def dvc(args: list[str], cwd: Path) -> str:
+    """Run a DVC command with this interpreter's DVC, retrying on repository-lock contention."""
+    return _run([sys.executable, "-m", "dvc", *args], cwd, retries=5)
+
+
+def git(args: list[str], cwd: Path) -> str:
+    return _run(["git", *args], cwd)
+
+
+def code_version(root: Path = PROJECT_ROOT) -> dict[str, Any]:
+    """Git commit and dirty flag of the pipeline's own code (``unknown`` outside a git checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pkg_version = version("aoi-autolabel")
+    except PackageNotFoundError:
+        pkg_version = "unknown"
+    try:
+        commit = git(["rev-parse", "HEAD"], root).strip()
+        dirty = bool(git(["status", "--porcelain", "--untracked-files=no"], root).strip())
+    except (VersioningError, FileNotFoundError):
+        commit, dirty = "unknown", True
+    return {"git_commit": commit, "git_dirty": dirty, "package_version": pkg_version}
+
+
+def init_workspace(ws: Workspace, remote: str | None) -> str:
+    """Make ``ws`` a git + DVC repo with a default remote (idempotent); return the remote URL."""
+    ws.root.mkdir(parents=True, exist_ok=True)
+    if not (ws.root / ".git").exists():
+        git(["init", "-q", "-b", "main"], ws.root)
+    if not (ws.root / ".dvc").exists():
+        dvc(["init", "-q"], ws.root)
+        dvc(["config", "core.analytics", "false"], ws.root)
+    gitignore = ws.root / ".gitignore"
+    if not gitignore.exists() or _WS_GITIGNORE not in gitignore.read_text():
+        gitignore.write_text(_WS_GITIGNORE + (gitignore.read_text() if gitignore.exists() else ""))
+    url = remote or str(ws.dvc_remote)
+    if not remote:
+        ws.dvc_remote.mkdir(exist_ok=True)
+    dvc(["remote", "add", "--force", "--default", "storage", url], ws.root)
+    shutil.copyfile(PROJECT_ROOT / "dvc.yaml", ws.root / "dvc.yaml")
+    return url
+
+
+def mirror_images(src: Path, dest: Path) -> tuple[list[str], list[str]]:
+    """Make ``dest`` hold exactly the image files of ``src`` (copying only what changed).
+
+    Returns the image paths and the ignored (non-image) paths, relative to ``src``.
+    """
+    found = discover(src)
+    dest.mkdir(parents=True, exist_ok=True)
+    wanted = set(found.images)
+    for path in sorted(dest.rglob("*"), reverse=True):
+        rel = path.relative_to(dest).as_posix()
+        if path.is_file() and rel not in wanted:
+            path.unlink()
+        elif path.is_dir() and not any(path.iterdir()):
+            path.rmdir()
+    for rel in found.images:
+        s, d = src / rel, dest / rel
+        st = s.stat()
+        if d.exists():
+            dt = d.stat()
+            if dt.st_size == st.st_size and int(dt.st_mtime) == int(st.st_mtime):
+                continue
+            d.chmod(0o644)
+        d.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(s, d)
+    return found.images, found.ignored
+
+
+def _dvc_out(dvc_file: Path) -> dict[str, Any]:
+    return yaml.safe_load(dvc_file.read_text())["outs"][0]
+
+
+def version_data(ws: Workspace, images: Path, labels: Path | None, remote: str | None, push: bool) -> DataVersion:
+    """Mirror, ``dvc add``, ``dvc push`` and commit the data; return its version.
+
+    Raises:
+        FileNotFoundError: if the image folder (or labels file) is missing.
+        VersioningError: if git or DVC fails (message names the command).
+    """
+    images = Path(images).resolve()
+    if not images.is_dir():
+        raise FileNotFoundError(f"image folder not found: {images}")
+    if ws.root == images or ws.root in images.parents:
+        raise ValueError(f"the image folder {images} must not be inside the workspace {ws.root}")
+    url = init_workspace(ws, remote)
+    image_list, ignored = mirror_images(images, ws.images)
+    if not image_list:
+        raise ValueError(f"no image files under {images} ({len(ignored)} other files ignored)")
+    targets = ["data/images", "data/labels.csv"]
+    if labels is not None:
+        labels = Path(labels)
+        if not labels.is_file():
+            raise FileNotFoundError(f"labels file not found: {labels}")
+        shutil.copyfile(labels, ws.labels)
+    else:  # an empty ground truth keeps the evaluate stage's dependency stable
+        ws.labels.write_text("path,label\n")
+    dvc(["add", "-q", *targets], ws.root)
+    if push:
+        dvc(["push", "-q", *targets], ws.root)
+    out = _dvc_out(ws.root / "data" / "images.dvc")
+    labels_md5 = _dvc_out(ws.root / "data" / "labels.csv.dvc")["md5"] if labels is not None else None
+
+    tracked = [p for p in (".gitignore", ".dvc", "dvc.yaml", "params.yaml", "data") if (ws.root / p).exists()]
+    git(["add", "-A", "--", *tracked], ws.root)
+    if git(["status", "--porcelain", "--", *tracked], ws.root).strip():
+        git(["commit", "-q", "-m", f"data {out['md5']} ({out.get('nfiles')} files)"], ws.root)
+    commit = git(["rev-parse", "HEAD"], ws.root).strip()
+    return DataVersion(
+        md5=out["md5"],
+        nfiles=int(out.get("nfiles", len(image_list))),
+        size=int(out.get("size", 0)),
+        remote=url,
+        labels_md5=labels_md5,
+        n_ignored=len(ignored),
+        workspace_commit=commit,
+    )
+
+
+def current_data_version(ws: Workspace) -> dict[str, Any]:
+    """The data version recorded in the workspace (for `dvc repro`, where no version step runs)."""
+    dvc_file = ws.root / "data" / "images.dvc"
+    if not dvc_file.is_file():
+        raise FileNotFoundError(f"{dvc_file} is missing: version the data first (`autolabel run`)")
+    out = _dvc_out(dvc_file)
+    return {"md5": out["md5"], "nfiles": out.get("nfiles"), "size": out.get("size")}
