@@ -19,8 +19,9 @@ demo: install  ## synthesise the built-in data set and run the retrain flow on i
 	test -f demo-data/labels.csv || $(BIN)/autolabel synth demo-data --n $(DEMO_N) --seed 0
 	$(BIN)/autolabel run --images demo-data --labels demo-data/labels.csv --workspace workspace
 
-test: install  ## the whole test suite
-	$(BIN)/python -m pytest
+test: install  ## the whole test suite (pytest's "no tests collected", exit 5, is a failure too)
+	$(BIN)/python -m pytest; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 lint: install
 	$(BIN)/ruff check flows tasks tests bench

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -47,16 +48,16 @@ def synth(
 def run(
     images: Annotated[Path, typer.Option(help="Folder of images (searched recursively).")],
     labels: Annotated[
-        Optional[Path], typer.Option(help="Ground-truth CSV (path,label; paths relative to --images).")
+        Path | None, typer.Option(help="Ground-truth CSV (path,label; paths relative to --images).")
     ] = None,
     workspace: Annotated[Path, typer.Option(help="Workspace folder (git + DVC repo, created if new).")] = Path(
         "workspace"
     ),
     params: Annotated[
-        Optional[Path], typer.Option("--params", help="params.yaml to use (default: ./params.yaml if present).")
+        Path | None, typer.Option("--params", help="params.yaml to use (default: ./params.yaml if present).")
     ] = None,
     overrides: Annotated[
-        Optional[list[str]], typer.Option("--set", help="Override one parameter, e.g. --set embed.epochs=5.")
+        list[str] | None, typer.Option("--set", help="Override one parameter, e.g. --set embed.epochs=5.")
     ] = None,
 ) -> None:
     """Run the retrain flow and publish a label set; the last line printed is the label set's path."""
@@ -89,18 +90,32 @@ def run(
 
 
 def _summary(workspace: Path, path: Path) -> None:
-    ws = workspace.resolve()
+    from tasks.tracking import tracking_uri
+    from tasks.workspace import Workspace
+
+    ws = Workspace.at(workspace)
+    uri = tracking_uri(ws)
+    mlflow_ui = (
+        f".venv/bin/mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+        if uri.startswith("sqlite:")
+        else f"open {uri}"
+    )
+    prefect_ui = (
+        f"PREFECT_HOME={ws.prefect_home} .venv/bin/prefect server start --host 127.0.0.1 --port 4200"
+        if not os.environ.get("PREFECT_API_URL")
+        else f"open {os.environ['PREFECT_API_URL'].removesuffix('/api')}"
+    )
     console.print(
         f"\n[bold green]Label set published[/]\n"
         f"  labels     {path / 'labels.csv'}\n"
         f"  montages   {path / 'montages'}/\n"
         f"  manifest   {path / 'manifest.json'}\n"
-        f"  quarantine {ws / 'results/validate/quarantine.csv'}\n"
-        f"  metrics    {ws / 'results/evaluate/metrics.json'}\n"
-        f"  MLflow     sqlite:///{ws / 'mlflow.db'}\n"
+        f"  quarantine {ws.stage_dir('validate') / 'quarantine.csv'}\n"
+        f"  metrics    {ws.stage_dir('evaluate') / 'metrics.json'}\n"
+        f"  MLflow     {uri}\n"
         f"Open the UIs on this workspace:\n"
-        f"  MLflow:  .venv/bin/mlflow ui --backend-store-uri sqlite:///{ws / 'mlflow.db'} --host 127.0.0.1 --port 5000\n"
-        f"  Prefect: PREFECT_HOME={ws / '.prefect'} .venv/bin/prefect server start --host 127.0.0.1 --port 4200",
+        f"  MLflow:  {mlflow_ui}\n"
+        f"  Prefect: {prefect_ui}",
         highlight=False,
         soft_wrap=True,
     )
@@ -131,15 +146,30 @@ def stage(
             return
         data = {**versioning.current_data_version(ws), "remote": versioning.dvc(["remote", "list"], ws.root).strip()}
         code = versioning.code_version()
-        run_id = tracking.start_run(ws, params.track.experiment, "dvc-repro", params.as_dict(), {
-            "autolabel.git_commit": code["git_commit"], "mlflow.source.git.commit": code["git_commit"],
-            "autolabel.data_md5": data["md5"], "autolabel.params_hash": params.digest(), "autolabel.driver": "dvc",
-        })
+        run_id = tracking.start_run(
+            ws,
+            params.track.experiment,
+            "dvc-repro",
+            params.as_dict(),
+            {
+                "autolabel.git_commit": code["git_commit"],
+                "mlflow.source.git.commit": code["git_commit"],
+                "autolabel.data_md5": data["md5"],
+                "autolabel.params_hash": params.digest(),
+                "autolabel.driver": "dvc",
+            },
+        )
         for s in STAGES[:-1]:
             tracking.log_metrics(ws, run_id, s, ws.read_json(s))
         models = stages.run_track(ws, params, run_id)
-        context = {"data": data, "code": code, "models": models, "mlflow_run_id": run_id,
-                   "mlflow_experiment": params.track.experiment, "mlflow_tracking_uri": tracking.tracking_uri(ws)}
+        context = {
+            "data": data,
+            "code": code,
+            "models": models,
+            "mlflow_run_id": run_id,
+            "mlflow_experiment": params.track.experiment,
+            "mlflow_tracking_uri": tracking.tracking_uri(ws),
+        }
         path = stages.run_publish(ws, params, context)
         tracking.log_artifacts(ws, run_id, path, f"labelset/{path.name}")
         tracking.end_run(ws, run_id)

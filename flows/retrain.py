@@ -43,9 +43,11 @@ publish_task = _task(stages.run_publish, "publish")
 
 
 @task(name="record-dvc-lock", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-def record_lock_task(ws: Workspace) -> str:
-    """``dvc commit`` the stage outputs into dvc.lock and commit it to the workspace's git history."""
+def record_lock_task(ws: Workspace, push: bool) -> str:
+    """``dvc commit`` the stage outputs into dvc.lock (and push them), then commit it to the workspace's git."""
     versioning.dvc(["commit", "-f", "-q"], ws.root)
+    if push:
+        versioning.dvc(["push", "-q"], ws.root)
     versioning.git(["add", "-A", "--", "dvc.lock", "dvc.yaml", "params.yaml", "results"], ws.root)
     if versioning.git(["status", "--porcelain", "--", "dvc.lock", "results"], ws.root).strip():
         versioning.git(["commit", "-q", "-m", "pipeline outputs"], ws.root)
@@ -128,7 +130,7 @@ def _retrain(ws: Workspace, images: Path, labels: Path | None, params: Params) -
         path = publish_task(ws, params, context)
         tracking.log_artifacts(ws, run_id, path, f"labelset/{path.name}")
         tracking.set_tags(ws, run_id, {"autolabel.labelset_id": path.name, "autolabel.labelset_path": str(path)})
-        record_lock_task(ws)
+        record_lock_task(ws, params.version.push)
         _publish_artifacts(ws, path)
     except BaseException:
         tracking.end_run(ws, run_id, "FAILED")
@@ -158,5 +160,7 @@ def _publish_artifacts(ws: Workspace, path: Path) -> None:
         f"- MLflow run: `{manifest['mlflow']['run_id']}`",
     ]
     if m.get("acc") is not None:
-        lines.append(f"- ACC {m['acc']:.3f}, NMI {m['nmi']:.3f}, ARI {m['ari']:.3f}, macro recall {m['macro_recall']:.3f}")
+        lines.append(
+            f"- ACC {m['acc']:.3f}, NMI {m['nmi']:.3f}, ARI {m['ari']:.3f}, macro recall {m['macro_recall']:.3f}"
+        )
     create_markdown_artifact(key="labelset", markdown="\n".join(lines), description="Published label set")

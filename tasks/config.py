@@ -72,9 +72,7 @@ class StandardizeParams(_Section):
 class EmbedParams(_Section):
     method: Literal["simclr"] = "simclr"
     backbone: str = Field("resnet18", description="A torchvision classification model name.")
-    weights: str | None = Field(
-        None, description="Local ImageNet weights file (.pth) to start from; never downloaded."
-    )
+    weights: str | None = Field(None, description="Local ImageNet weights file (.pth) to start from; never downloaded.")
     input_size: int = Field(
         32, ge=0, description="Side the backbone sees (standardised images are resized); 0 = as standardised."
     )
@@ -83,7 +81,7 @@ class EmbedParams(_Section):
     batch_size: int = Field(128, ge=4)
     lr: float = Field(1e-3, gt=0.0)
     temperature: float = Field(0.2, gt=0.0)
-    max_train_images: int = Field(20_000, ge=1, description="Subsample for training when there are more images.")
+    max_train_images: int = Field(4000, ge=1, description="Subsample for training when there are more images.")
 
 
 class ClusterParams(_Section):

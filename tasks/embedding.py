@@ -130,9 +130,7 @@ class TrainReport:
     device: str
 
 
-def train_simclr(
-    images: np.ndarray, params: EmbedParams, seed: int, log=None
-) -> tuple[Embedder, TrainReport]:
+def train_simclr(images: np.ndarray, params: EmbedParams, seed: int, log=None) -> tuple[Embedder, TrainReport]:
     """Train an :class:`Embedder` with SimCLR on standardised images ``(N, S, S)`` uint8.
 
     Seeded and, on the CPU, deterministic for a fixed thread count.
@@ -170,7 +168,7 @@ def train_simclr(
             loss.backward()
             opt.step()
             sched.step()
-            total, count = total + float(loss), count + 1
+            total, count = total + float(loss.detach()), count + 1
         losses.append(total / max(count, 1))
         if log is not None:
             log(f"embed: epoch {epoch + 1}/{params.epochs} loss {losses[-1]:.4f}")

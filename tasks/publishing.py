@@ -119,9 +119,7 @@ def publish(
     tmp.mkdir()
     try:
         write_files(tmp)
-        files = {
-            p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()
-        }
+        files = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {**manifest, "labelset_id": set_id, "files": files}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
         for p in tmp.rglob("*"):

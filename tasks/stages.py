@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +77,7 @@ def run_standardize(ws: Workspace, params: Params) -> dict[str, Any]:
     out = ws.stage_dir("standardize")
     standardize_all(ws.images, passed, out / "images.npy", params.standardize, params.validate.max_pixels)
     stats = pd.read_csv(ws.stage_dir("validate") / "stats.csv", usecols=["image", "file_sha256"])
-    sha = dict(zip(stats["image"], stats["file_sha256"]))
+    sha = dict(zip(stats["image"], stats["file_sha256"], strict=True))
     pd.DataFrame({"image": passed, "sha256": [sha[p] for p in passed]}).to_csv(out / "index.csv", index=False)
     metrics = {"n_images": len(passed), "size": params.standardize.size, "lighting": params.standardize.lighting}
     ws.write_json("standardize", metrics)
@@ -121,6 +121,7 @@ def run_cluster(ws: Workspace, params: Params) -> dict[str, Any]:
     index = pd.read_csv(ws.stage_dir("standardize") / "index.csv")
     result = cluster(vectors, params.cluster, params.base.seed)
     out = ws.stage_dir("cluster")
+    out.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(
         {
             "image": index["image"],
@@ -175,7 +176,9 @@ def run_track(ws: Workspace, params: Params, run_id: str) -> dict[str, dict[str,
 
     embedder = load_embedder(ws.stage_dir("embed") / "model.pt")
     clusterer = joblib.load(ws.stage_dir("cluster") / "model.pkl")
-    models = log_models(ws, run_id, params.track.model_prefix, embedder, clusterer)
+    images = np.load(ws.stage_dir("standardize") / "images.npy", mmap_mode="r")
+    example = np.ascontiguousarray(images[: min(4, len(images))])
+    models = log_models(ws, run_id, params.track.model_prefix, embedder, clusterer, example)
     return {role: m.as_dict() for role, m in models.items()}
 
 
@@ -217,7 +220,7 @@ def run_publish(ws: Workspace, params: Params, context: dict[str, Any]) -> Path:
     validate_metrics = ws.read_json("validate")
     quarantine = pd.read_csv(ws.stage_dir("validate") / "quarantine.csv")
     manifest = {
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "prefect": {
             "flow_run_id": context.get("prefect_flow_run_id"),
             "deployment_id": context.get("prefect_deployment_id"),

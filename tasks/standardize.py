@@ -58,9 +58,7 @@ def standardize_image(path: Path, params: StandardizeParams, max_pixels: int) ->
     return to_square(grey, params.size)
 
 
-def standardize_all(
-    root: Path, images: list[str], out: Path, params: StandardizeParams, max_pixels: int
-) -> np.memmap:
+def standardize_all(root: Path, images: list[str], out: Path, params: StandardizeParams, max_pixels: int) -> np.memmap:
     """Standardise ``images`` (relative to ``root``) into the ``.npy`` file ``out``, streaming one at a time."""
     out.parent.mkdir(parents=True, exist_ok=True)
     arr = np.lib.format.open_memmap(out, mode="w+", dtype=np.uint8, shape=(len(images), params.size, params.size))

@@ -72,8 +72,9 @@ def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def log_metrics(ws: Workspace, run_id: str, stage: str, metrics: dict[str, Any]) -> None:
     """Log every finite number in ``metrics`` (nested dicts flattened) as ``<stage>.<key>``."""
-    from mlflow.entities import Metric
     import time
+
+    from mlflow.entities import Metric
 
     client = _client(ws)
     now = int(time.time() * 1000)
@@ -122,10 +123,14 @@ def _pins(*packages: str) -> list[str]:
     return [f"{p}=={version(p)}" for p in packages]
 
 
-def log_models(ws: Workspace, run_id: str, prefix: str, embedder: Any, clusterer: Any) -> dict[str, RegisteredModel]:
+def log_models(
+    ws: Workspace, run_id: str, prefix: str, embedder: Any, clusterer: Any, example: Any
+) -> dict[str, RegisteredModel]:
     """Log and register the embedder (torch) and clusterer (scikit-learn); set ``@champion`` when none exists.
 
-    ``pip_requirements`` is given explicitly: inferring it costs ~17 s a model.
+    The embedder is saved in PyTorch's ``pt2`` export format (no pickle), traced on ``example`` (a few
+    standardised images, batch > 1 so the batch dimension stays dynamic). ``pip_requirements`` is given
+    explicitly: inferring it costs ~17 s a model.
     """
     mlflow = _mlflow(ws)
     client = _client(ws)
@@ -134,6 +139,8 @@ def log_models(ws: Workspace, run_id: str, prefix: str, embedder: Any, clusterer
         info_e = mlflow.pytorch.log_model(
             embedder,
             name="embedder",
+            input_example=example,
+            serialization_format="pt2",
             registered_model_name=f"{prefix}-embedder",
             pip_requirements=_pins("torch", "torchvision", "numpy"),
         )

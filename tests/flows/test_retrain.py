@@ -40,9 +40,7 @@ def retrain_run(prefect_engine, synth_data, tmp_path_factory):
     from flows.retrain import retrain
 
     ws = tmp_path_factory.mktemp("ws") / "workspace"
-    path = retrain(
-        images=str(synth_data), workspace=str(ws), labels=str(synth_data / "labels.csv"), overrides=FAST
-    )
+    path = retrain(images=str(synth_data), workspace=str(ws), labels=str(synth_data / "labels.csv"), overrides=FAST)
     return ws, Path(path)
 
 
@@ -65,8 +63,20 @@ def test_label_set_files_and_rows(retrain_run, synth_data):
 def test_manifest_lineage(retrain_run):
     ws, path = retrain_run
     manifest = json.loads((path / "manifest.json").read_text())
-    for key in ("labelset_id", "created_at", "prefect", "mlflow", "code", "data", "params", "params_hash",
-                "models", "quality", "files", "metrics"):
+    for key in (
+        "labelset_id",
+        "created_at",
+        "prefect",
+        "mlflow",
+        "code",
+        "data",
+        "params",
+        "params_hash",
+        "models",
+        "quality",
+        "files",
+        "metrics",
+    ):
         assert key in manifest, key
     assert manifest["labelset_id"] == path.name
     assert manifest["prefect"]["flow_run_id"]

@@ -34,7 +34,9 @@ def test_standardize_all_mixed_modes(tmp_path):
     Image.fromarray(rng.integers(0, 255, (50, 70), dtype=np.uint8)).save(tmp_path / "a.png")
     Image.fromarray((rng.integers(0, 65535, (90, 90))).astype(np.uint16)).save(tmp_path / "b.png")
     Image.fromarray(rng.integers(0, 255, (30, 30, 3), dtype=np.uint8)).save(tmp_path / "c.jpg")
-    arr = standardize_all(tmp_path, ["a.png", "b.png", "c.jpg"], tmp_path / "out.npy", StandardizeParams(size=32), 10**8)
+    arr = standardize_all(
+        tmp_path, ["a.png", "b.png", "c.jpg"], tmp_path / "out.npy", StandardizeParams(size=32), 10**8
+    )
     loaded = np.load(tmp_path / "out.npy")
     assert loaded.shape == (3, 32, 32) and loaded.dtype == np.uint8
     assert np.array_equal(loaded, np.asarray(arr))

@@ -1,0 +1,327 @@
+"""The validate stage on real files and a real Great Expectations run: every bad image gets its specific reason."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import shutil
+import struct
+import tracemalloc
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image, features
+from scipy import ndimage
+
+from tasks.config import ValidateParams
+from tasks.quality import (
+    IMAGE_STAT_COLUMNS,
+    STAT_COLUMNS,
+    compute_stats,
+    image_stats,
+    laplacian_variance,
+    suite_digest,
+    suite_path,
+    validate_stats,
+)
+
+# min_sharpness: the default 1.0 sits below the 8-bit rounding floor of the measure (~1.6 for any textured image),
+# so a sigma-8 blur is only caught with a realistic threshold; sharp textures here score > 40.
+PARAMS = ValidateParams(min_sharpness=10.0)
+DUP_SOURCE = "good/noise-l.png"
+
+# image -> the exact quarantine reason (a compiled pattern where the number depends on the decoder)
+EXPECTED = {
+    "bad/empty.png": "unreadable: zero-byte file",
+    "bad/truncated.png": "unreadable: truncated image",
+    "bad/not-an-image.png": "unreadable: not an image (unidentified format)",
+    "bad/bomb-9000.png": "unreadable: too many pixels: 9000x9000 > 50000000",
+    "bad/bomb-20000.png": re.compile(r"unreadable: decompression bomb: .*\(400000000 pixels\).*"),
+    "bad/blank.png": "blank: contrast 0.00 < 2.0",
+    "bad/blurred.png": re.compile(r"blurred: sharpness \d\.\d\d < 10\.0"),
+    "bad/tiny-4x4.png": "too small: 4x4 px (min side 16)",
+    "bad/strip-2000x20.png": "extreme aspect ratio: 100.0 > 10.0 (2000x20 px)",
+    "bad/disguised-pcx.png": "unsupported format: PCX",
+    "z-dups/noise-l-copy.png": f"duplicate of {DUP_SOURCE}",
+    "z-dups/noise-l-reencoded.bmp": f"duplicate of {DUP_SOURCE}",
+}
+UNREADABLE = {k for k, v in EXPECTED.items() if getattr(v, "pattern", v).startswith("unreadable")}
+
+
+def _noise(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    return rng.integers(0, 256, shape, dtype=np.uint8)
+
+
+def _bomb_png(path: Path, side: int) -> None:
+    """A valid 1-bit PNG of side x side black pixels, streamed: a few KB on disk, side**2 pixels when decoded."""
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    rows_per_block = 512
+    block = (b"\x00" + bytes((side + 7) // 8)) * rows_per_block
+    comp = zlib.compressobj(9)
+    idat = []
+    for start in range(0, side, rows_per_block):
+        n = min(rows_per_block, side - start)
+        idat.append(comp.compress(block if n == rows_per_block else block[: n * (len(block) // rows_per_block)]))
+    idat.append(comp.flush())
+    ihdr = struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(idat)) + chunk(b"IEND", b""))
+
+
+def _build(root: Path) -> list[str]:
+    """Write the good and bad images; returns the good ones."""
+    rng = np.random.default_rng(7)
+    (root / "good").mkdir(parents=True)
+    (root / "bad").mkdir()
+    (root / "z-dups").mkdir()
+    good = {
+        "good/noise-l.png": lambda p: Image.fromarray(_noise(rng, (64, 64))).save(p),
+        "good/noise-rgb.jpg": lambda p: Image.fromarray(_noise(rng, (80, 96, 3))).save(p, quality=90),
+        "good/noise-16bit.png": lambda p: Image.fromarray(rng.integers(0, 65536, (40, 48)).astype(np.uint16)).save(p),
+        "good/noise-rgba.png": lambda p: Image.fromarray(_noise(rng, (50, 60, 4))).save(p),
+        "good/palette-trns.png": lambda p: (
+            Image.fromarray(_noise(rng, (50, 70, 3))).quantize(64).save(p, transparency=0)
+        ),
+        "good/anim.gif": lambda p: (
+            Image.fromarray(_noise(rng, (60, 60)))
+            .convert("P")
+            .save(p, save_all=True, append_images=[Image.fromarray(_noise(rng, (60, 60))).convert("P")])
+        ),
+        "good/noise-cmyk.jpg": lambda p: Image.fromarray(_noise(rng, (70, 70, 4)), "CMYK").save(p),
+        "good/noise.tif": lambda p: Image.fromarray(_noise(rng, (33, 90))).save(p),
+        "good/noise.bmp": lambda p: Image.fromarray(_noise(rng, (45, 45, 3))).save(p),
+        "good/edge-16x16.png": lambda p: Image.fromarray(_noise(rng, (16, 16))).save(p),  # min_side exactly
+    }
+    if features.check("webp"):
+        good["good/noise.webp"] = lambda p: Image.fromarray(_noise(rng, (64, 80, 3))).save(p, lossless=True)
+    for rel, write in good.items():
+        write(root / rel)
+
+    (root / "bad/empty.png").write_bytes(b"")
+    png = (root / DUP_SOURCE).read_bytes()
+    (root / "bad/truncated.png").write_bytes(png[: len(png) // 2])
+    (root / "bad/not-an-image.png").write_text("defect list: none\n")
+    _bomb_png(root / "bad/bomb-9000.png", 9000)  # 81 Mpx: over max_pixels, under Pillow's own bomb limit
+    _bomb_png(root / "bad/bomb-20000.png", 20000)  # 400 Mpx: Pillow itself refuses it when reading the header
+    Image.new("L", (100, 100), 128).save(root / "bad/blank.png")
+    blurred = ndimage.gaussian_filter(_noise(rng, (128, 128)).astype(np.float64), 8)
+    blurred = (blurred - blurred.min()) / (blurred.max() - blurred.min()) * 255  # clearly not blank
+    Image.fromarray(np.rint(blurred).astype(np.uint8)).save(root / "bad/blurred.png")
+    Image.fromarray(_noise(rng, (4, 4))).save(root / "bad/tiny-4x4.png")
+    Image.fromarray(_noise(rng, (20, 2000))).save(root / "bad/strip-2000x20.png")
+    Image.fromarray(_noise(rng, (40, 40))).save(root / "bad/disguised-pcx.png", format="PCX")
+    shutil.copyfile(root / DUP_SOURCE, root / "z-dups/noise-l-copy.png")
+    Image.open(root / DUP_SOURCE).save(root / "z-dups/noise-l-reencoded.bmp")
+    return sorted(good)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("images")
+    good = _build(root)
+    images = sorted(good + list(EXPECTED), reverse=True)  # input order != sorted order on purpose
+    return root, good, images
+
+
+@pytest.fixture(scope="module")
+def stats(folder):
+    root, _, images = folder
+    return compute_stats(root, images, PARAMS.max_pixels)
+
+
+@pytest.fixture(scope="module")
+def result(stats):
+    return validate_stats(stats, PARAMS)
+
+
+def _row(stats: pd.DataFrame, image: str) -> pd.Series:
+    return stats.set_index("image").loc[image]
+
+
+def test_stats_table(folder, stats):
+    root, good, images = folder
+    assert list(stats.columns) == STAT_COLUMNS
+    assert list(stats["image"]) == images
+    assert stats.loc[stats["readable"], "error"].eq("").all()
+    assert set(stats.loc[~stats["readable"], "image"]) == UNREADABLE
+
+    empty = _row(stats, "bad/empty.png")
+    assert empty["error"] == "zero-byte file" and empty["file_sha256"] == hashlib.sha256(b"").hexdigest()
+    for col in ("sharpness", "brightness", "contrast", "aspect", "width", "height"):
+        assert pd.isna(empty[col]), col
+    assert pd.isna(empty["pixel_hash"]) and pd.isna(empty["duplicate_of"])
+
+    assert _row(stats, "good/anim.gif")["frames"] == 2  # animated GIFs are kept (first frame)
+    assert _row(stats, "good/noise-16bit.png")["mode"].startswith("I")
+    assert _row(stats, "good/noise-16bit.png")["contrast"] > 40  # 16-bit scaled to the 8-bit range
+    assert _row(stats, "good/palette-trns.png")["mode"] == "P"
+    strip = _row(stats, "bad/strip-2000x20.png")
+    assert (strip["width"], strip["height"], strip["aspect"]) == (2000, 20, 100.0)
+    blank = _row(stats, "bad/blank.png")
+    assert (blank["brightness"], blank["contrast"], blank["sharpness"]) == (128.0, 0.0, 0.0)
+    assert _row(stats, "bad/blurred.png")["sharpness"] < 10 < stats.set_index("image").loc[good, "sharpness"].min()
+
+    source, copy, reencoded = (_row(stats, k) for k in (DUP_SOURCE, *[k for k in EXPECTED if k.startswith("z-")]))
+    assert source["pixel_hash"] == copy["pixel_hash"] == reencoded["pixel_hash"]
+    assert source["file_sha256"] == copy["file_sha256"] != reencoded["file_sha256"]
+    assert source["file_sha256"] == hashlib.sha256((root / DUP_SOURCE).read_bytes()).hexdigest()
+    assert source["duplicate_of"] is None
+    assert copy["duplicate_of"] == reencoded["duplicate_of"] == DUP_SOURCE
+    assert stats["duplicate_of"].notna().sum() == 2
+
+
+def test_every_bad_image_is_quarantined_with_its_specific_reason(result):
+    reasons = dict(zip(result.quarantine["image"], result.quarantine["reason"], strict=True))
+    assert set(reasons) == set(EXPECTED)
+    for image, expected in EXPECTED.items():
+        if isinstance(expected, re.Pattern):
+            assert expected.fullmatch(reasons[image]), (image, reasons[image])
+        else:
+            assert reasons[image] == expected, image
+    assert list(result.quarantine.columns) == ["image", "reason"]
+
+
+def test_good_images_pass_in_input_order(folder, result):
+    _, good, images = folder
+    assert result.passed == [i for i in images if i in set(good)]
+    assert list(result.quarantine["image"]) == [i for i in images if i in EXPECTED]  # input order too
+
+
+def test_summary(folder, result):
+    _, good, images = folder
+    s = result.summary
+    assert (s["n_images"], s["n_passed"], s["n_quarantined"]) == (len(images), len(good), len(EXPECTED))
+    assert s["fail_share"] == pytest.approx(len(EXPECTED) / len(images))
+    assert s["success"] is False and result.gx_result["success"] is False
+    assert s["suite"] == "image_quality" and s["suite_sha256"] == suite_digest("image_quality")
+    # GX's own per-expectation counts: the blank image fails sharpness too (its reason only says "blank"), the
+    # 4x4 one fails width, height and sharpness.
+    assert s["expectations"] == {
+        "readable": len(UNREADABLE),
+        "duplicate": 2,
+        "format": 1,
+        "width": 1,
+        "height": 1,
+        "aspect": 1,
+        "contrast": 1,
+        "sharpness": 3,
+    }
+    assert s["reasons"] == {
+        "unreadable": len(UNREADABLE),
+        "duplicate": 2,
+        "unsupported format": 1,
+        "too small": 1,
+        "extreme aspect ratio": 1,
+        "blank": 1,
+        "blurred": 1,
+    }
+    json.dumps(s)  # goes into metrics.json as it is
+    json.dumps(result.gx_result)
+
+
+def test_gx_reports_the_failing_rows(result):
+    by_check = {r["expectation_config"]["meta"]["check"]: r for r in result.gx_result["results"]}
+    contrast = by_check["contrast"]
+    assert contrast["expectation_config"]["kwargs"]["min_value"] == 2.0  # the $PARAMETER, filled from params
+    assert [row["image"] for row in contrast["result"]["unexpected_index_list"]] == ["bad/blank.png"]
+    assert by_check["readable"]["result"]["element_count"] == len(result.passed) + len(result.quarantine)
+    # the numeric expectations only see readable rows: the five unreadable images are not "missing" values there
+    assert by_check["sharpness"]["result"]["element_count"] == by_check["readable"]["result"]["element_count"] - len(
+        UNREADABLE
+    )
+
+
+def test_bomb_is_refused_before_decoding(folder):
+    root, _, _ = folder
+    assert (root / "bad/bomb-9000.png").stat().st_size < 50_000
+    tracemalloc.start()
+    try:
+        row = image_stats(root, "bad/bomb-9000.png", PARAMS.max_pixels)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert row["readable"] is False and row["error"] == "too many pixels: 9000x9000 > 50000000"
+    assert peak < 5_000_000  # 81 Mpx were never decoded into an array
+    assert set(row) == set(IMAGE_STAT_COLUMNS) and math.isnan(row["contrast"])
+    # and it is a valid PNG of 81 Mpx (decoding it takes ~160 MB: measured once, not repeated here)
+    with Image.open(root / "bad/bomb-9000.png") as img:
+        img.verify()
+        assert img.size == (9000, 9000)
+
+
+def test_laplacian_variance_is_scipys():
+    rng = np.random.default_rng(3)
+    for shape in [(128, 128), (128, 37), (1, 128), (128, 1), (1, 1), (2, 3)]:
+        img = rng.integers(0, 256, shape, dtype=np.uint8)
+        assert laplacian_variance(img) == pytest.approx(ndimage.laplace(img.astype(np.float64)).var(), rel=1e-12)
+
+
+def test_workers_give_the_same_table(folder, stats):
+    root, _, images = folder
+    pd.testing.assert_frame_equal(compute_stats(root, images, PARAMS.max_pixels, workers=3), stats)
+
+
+def test_thresholds_come_from_params(stats):
+    loose = validate_stats(stats, PARAMS.model_copy(update={"min_sharpness": 1.0}))
+    assert "bad/blurred.png" in loose.passed
+    strict = validate_stats(
+        stats, PARAMS.model_copy(update={"max_side": 90, "formats": ["PNG", "JPEG", "BMP", "TIFF", "WEBP", "PCX"]})
+    )
+    reasons = dict(zip(strict.quarantine["image"], strict.quarantine["reason"], strict=True))
+    assert reasons["good/noise-rgb.jpg"] == "too large: 96x80 px (max side 90)"
+    assert reasons["good/anim.gif"] == "unsupported format: GIF"
+    assert "bad/disguised-pcx.png" in strict.passed
+    assert (
+        reasons["bad/strip-2000x20.png"]
+        == "too large: 2000x20 px (max side 90); extreme aspect ratio: 100.0 > 10.0 (2000x20 px)"
+    )
+
+
+def test_suite_file_and_digest(tmp_path, stats):
+    path = suite_path("image_quality")
+    suite = json.loads(path.read_text())
+    assert suite["name"] == "image_quality"
+    thresholds = {
+        k: v
+        for e in suite["expectations"]
+        for k, v in e["kwargs"].items()
+        if k in ("min_value", "max_value", "value_set")
+    }
+    assert all(isinstance(v, dict) and "$PARAMETER" in v for k, v in thresholds.items() if k != "value_set")
+    assert all(e["meta"].get("check") and e["meta"].get("reason") for e in suite["expectations"])
+    assert suite_digest("image_quality") == hashlib.sha256(path.read_bytes()).hexdigest()
+
+    copy = tmp_path / "suites"
+    copy.mkdir()
+    shutil.copy(path, copy / "image_quality.json")
+    assert suite_digest("image_quality", copy) == suite_digest("image_quality")
+    suite["expectations"][6]["meta"]["reason"] = "no contrast ({contrast:.1f})"  # the blank-image check
+    (copy / "image_quality.json").write_text(json.dumps(suite, indent=2))
+    assert suite_digest("image_quality", copy) != suite_digest("image_quality")
+    edited = validate_stats(stats, PARAMS, suites_dir=copy)
+    assert edited.summary["suite_sha256"] == suite_digest("image_quality", copy)
+    assert edited.quarantine.set_index("image").loc["bad/blank.png", "reason"] == "no contrast (0.0)"
+
+    with pytest.raises(FileNotFoundError, match="nope"):
+        suite_path("nope")
+    with pytest.raises(FileNotFoundError, match="nope"):
+        validate_stats(stats, PARAMS.model_copy(update={"suite": "nope"}))
+    suite["expectations"][0]["type"] = "expect_column_values_to_be_shiny"
+    (copy / "broken.json").write_text(json.dumps(suite))
+    with pytest.raises(ValueError, match="broken.json"):
+        validate_stats(stats, PARAMS.model_copy(update={"suite": "broken"}), suites_dir=copy)
+
+
+def test_no_images(tmp_path):
+    stats = compute_stats(tmp_path, [], PARAMS.max_pixels)
+    assert list(stats.columns) == STAT_COLUMNS and len(stats) == 0
+    result = validate_stats(stats, PARAMS)
+    assert result.passed == [] and len(result.quarantine) == 0
+    assert (result.summary["n_images"], result.summary["fail_share"], result.summary["success"]) == (0, 0.0, True)
