@@ -24,10 +24,20 @@ def tracking_uri(ws: Workspace) -> str:
 
 
 def _mlflow(ws: Workspace):
+    """mlflow, pointed at the workspace's store without leaking it into ``MLFLOW_TRACKING_URI``.
+
+    ``mlflow.set_tracking_uri`` also exports the variable; left there, the next workspace in the same process
+    would be mistaken for a configured server.
+    """
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
+    user = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(tracking_uri(ws))
+    if user is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = user
     return mlflow
 
 

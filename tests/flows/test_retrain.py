@@ -126,6 +126,7 @@ def test_metrics_and_mlflow_registry(retrain_run):
     manifest = json.loads((path / "manifest.json").read_text())
     run = client.get_run(manifest["mlflow"]["run_id"])
     assert run.info.status == "FINISHED"
+    assert run.info.artifact_uri.startswith((ws / "mlartifacts").as_uri())  # artifacts stay in the workspace
     assert run.data.tags["autolabel.data_md5"] == manifest["data"]["md5"]
     assert run.data.tags["autolabel.prefect_flow_run_id"] == manifest["prefect"]["flow_run_id"]
     assert run.data.tags["mlflow.source.git.commit"] == manifest["code"]["git_commit"]
