@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -176,6 +177,106 @@ def stage(
         print(path)
     except Exception as exc:
         _fail(f"{type(exc).__name__}: {exc}", code=1)
+
+
+@app.command("lineage")
+def lineage_cmd(
+    labelset: Annotated[Path, typer.Argument(help="A label set folder (WS/labelsets/<id>).")],
+    image: Annotated[str | None, typer.Option(help="One image (path as in labels.csv).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Trace a label set, or one image in it, back to its data, code, params, models, quality and run."""
+    from tasks.lineage import LabelSetError, lineage
+
+    try:
+        chain = lineage(labelset, image)
+    except (LabelSetError, KeyError) as exc:
+        _fail(str(exc).strip("'\""))
+    if as_json:
+        print(json.dumps(chain, indent=2, sort_keys=True, default=str))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"lineage of {image or 'label set ' + chain['labelset']['id']}", show_lines=False)
+    table.add_column("what")
+    table.add_column("value", overflow="fold")
+    for section, value in chain.items():
+        if section == "params":
+            continue
+        if isinstance(value, dict):
+            for key, item in value.items():
+                table.add_row(
+                    f"{section}.{key}", json.dumps(item, default=str) if isinstance(item, dict | list) else str(item)
+                )
+        else:
+            table.add_row(section, str(value))
+    Console().print(table)
+
+
+@app.command("verify")
+def verify_cmd(
+    labelset: Annotated[Path, typer.Argument(help="A label set folder.")],
+    remote: Annotated[bool, typer.Option(help="Also check the data version in the DVC remote.")] = True,
+) -> None:
+    """Recompute checksums; check that the run, model versions and data still exist. Exit 0 only if all hold."""
+    environment.configure(None)
+    from tasks.lineage import LabelSetError, verify
+
+    try:
+        result = verify(labelset, check_remote=remote)
+    except LabelSetError as exc:
+        _fail(str(exc))
+    for item in result.checked:
+        console.print(f"[green]ok[/]   {item}", highlight=False)
+    for problem in result.problems:
+        console.print(f"[red]FAIL[/] {problem}", highlight=False)
+    if not result.ok:
+        raise typer.Exit(1)
+    print(f"verified {labelset}")
+
+
+@app.command("diff")
+def diff_cmd(
+    a: Annotated[Path, typer.Argument(help="The older label set.")],
+    b: Annotated[Path, typer.Argument(help="The newer label set.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """What changed between two label sets: images added and removed, labels changed, and the causes."""
+    from tasks.lineage import LabelSetError, diff
+
+    try:
+        d = diff(a, b)
+    except LabelSetError as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(d, indent=2))
+        return
+    print(
+        f"{d['a']} → {d['b']}: {len(d['added'])} added, {len(d['removed'])} removed, "
+        f"{len(d['label_changed'])} labels changed, {d['unchanged']} unchanged"
+    )
+    for cause in d["causes"] or ["no change in data, params, models, code or human input"]:
+        print(f"  cause: {cause}")
+    for row in d["label_changed"][:20]:
+        print(f"  {row['image']}: {row['from']} → {row['to']}")
+
+
+@app.command("restore")
+def restore_cmd(
+    labelset: Annotated[Path, typer.Argument(help="A label set folder.")],
+    to: Annotated[Path, typer.Option("--to", help="Empty or new folder for the images.")],
+) -> None:
+    """Check out the exact images of a label set's data version from the DVC remote (sha256-verified)."""
+    from tasks.lineage import LabelSetError, restore
+
+    try:
+        info = restore(labelset, to)
+    except (LabelSetError, FileExistsError, RuntimeError) as exc:
+        _fail(str(exc))
+    print(
+        f"restored {info['files']} files of data version {info['data_md5']} to {info['to']} "
+        f"({info['verified_sha256']} labelled images sha256-verified)"
+    )
 
 
 def main() -> None:

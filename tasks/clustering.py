@@ -1,26 +1,67 @@
 """Clustering embedding vectors into candidate defect types, with a confidence per image.
 
-k-means (scikit-learn) on L2-normalised vectors. Confidence is the margin between the nearest and the second
-nearest centre, ``1 - d1 / d2``: 0 on a border between two clusters, towards 1 deep inside one. It needs no
-assumption about cluster sizes, so rare defect types that form small clusters are not penalised.
+Methods (``cluster.method``):
+
+- ``kmeans``: k-means on the vectors. ``cluster.k: 0`` chooses k in ``k_min..k_max`` by the silhouette (label-free).
+  A k larger than the number of defect types is *over-clustering*: engineers name clusters, and several clusters
+  may get the same name (many-to-one), which keeps rare types from being swallowed by common ones.
+- ``scan``: a neighbour-consistency head (SCAN, Van Gansbeke et al. 2020) on the fixed vectors: each image and its
+  ``neighbours`` nearest neighbours are pushed into the same cluster, an entropy term keeps every cluster in use;
+  ``heads`` heads are trained from different starts and the one with the lowest loss (its own, label-free) is kept;
+  optional self-labelling on the confident images. Initialised from k-means, so it refines rather than replaces.
+- ``hdbscan``: density-based (scikit-learn HDBSCAN) on a PCA projection; finds the number of clusters itself;
+  noise points are attached to the nearest cluster with confidence 0 (they go to review).
+- ``agglomerative``: Ward linkage on a PCA projection (fitted on at most ``max_fit`` images).
+
+Every method returns a :class:`ClusterModel` that can :func:`assign` new vectors later (the refresh flow):
+nearest prototype (k-means, HDBSCAN, agglomerative) or the trained head (SCAN). Confidence is a margin in [0, 1]:
+``1 - d1/d2`` between the nearest and second-nearest prototypes, or ``p1 - p2`` between the two most probable
+clusters of the head. Neither assumes balanced clusters. ``distance`` is the cosine distance to the own cluster's
+prototype (smaller = more typical; it orders montages and review).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from sklearn.cluster import KMeans
 
 from tasks.config import ClusterParams
 
+METHODS = ("kmeans", "scan", "hdbscan", "agglomerative")
+
+
+@dataclass
+class ClusterModel:
+    """Everything needed to assign new vectors: plain numpy arrays, picklable, no torch needed."""
+
+    method: str
+    prototypes: np.ndarray  # (k, d) L2-normalised cluster centres, in the space the vectors are compared in
+    mean: np.ndarray  # (d,) centring applied before comparison
+    head: list[tuple[np.ndarray, np.ndarray]] | None = None  # SCAN: [(W, b), ...] layers, ReLU between
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_clusters(self) -> int:
+        return int(len(self.prototypes))
+
+    def predict(self, vectors: np.ndarray) -> np.ndarray:
+        return assign(self, vectors).labels
+
 
 @dataclass(frozen=True)
 class Clustering:
     labels: np.ndarray  # (N,) int cluster id
     confidence: np.ndarray  # (N,) float in [0, 1]
-    distance: np.ndarray  # (N,) distance to the own centre
-    model: KMeans
+    distance: np.ndarray  # (N,) cosine distance to the own cluster's prototype
+    model: ClusterModel
+
+
+def _prep(vectors: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    x = np.asarray(vectors, dtype=np.float32) - mean
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def margin_confidence(distances: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -32,19 +73,234 @@ def margin_confidence(distances: np.ndarray) -> tuple[np.ndarray, np.ndarray, np
     return order[:, 0], d1, np.clip(conf, 0.0, 1.0)
 
 
-def cluster(vectors: np.ndarray, params: ClusterParams, seed: int) -> Clustering:
-    """Fit k-means with ``params.k`` clusters (fewer when there are fewer images)."""
-    k = min(params.k, len(vectors))
-    if k < 2:
-        raise ValueError(f"clustering needs at least 2 images, got {len(vectors)}")
-    model = KMeans(n_clusters=k, n_init=params.n_init, random_state=seed).fit(vectors)
-    return assign(model, vectors)
+def _head_probs(head: list[tuple[np.ndarray, np.ndarray]], x: np.ndarray) -> np.ndarray:
+    h = x
+    for i, (w, b) in enumerate(head):
+        h = h @ w.T + b
+        if i < len(head) - 1:
+            h = np.maximum(h, 0)
+    h = h - h.max(axis=1, keepdims=True)
+    p = np.exp(h)
+    return p / p.sum(axis=1, keepdims=True)
 
 
-def assign(model: KMeans, vectors: np.ndarray) -> Clustering:
+def assign(model: ClusterModel, vectors: np.ndarray) -> Clustering:
     """Assign vectors to a fitted model's clusters (also used for new batches with the champion model)."""
-    labels, dist, conf = margin_confidence(model.transform(vectors))
+    x = _prep(vectors, model.mean)
+    cos_dist = np.clip(1.0 - x @ model.prototypes.T, 0.0, 2.0)
+    if model.head is not None:
+        p = _head_probs(model.head, x)
+        top = np.sort(p, axis=1)
+        labels = p.argmax(axis=1)
+        conf = np.clip(top[:, -1] - top[:, -2], 0.0, 1.0)
+    else:
+        labels, _, conf = margin_confidence(np.sqrt(np.maximum(cos_dist, 0.0)))
+    dist = cos_dist[np.arange(len(x)), labels]
     return Clustering(labels=labels.astype(np.int64), confidence=conf, distance=dist, model=model)
+
+
+def _prototypes(x: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+    protos = np.zeros((k, x.shape[1]), np.float32)
+    for c in range(k):
+        members = x[labels == c]
+        if len(members):
+            protos[c] = members.mean(axis=0)
+    return protos / np.maximum(np.linalg.norm(protos, axis=1, keepdims=True), 1e-12)
+
+
+def _relabel(labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """Consecutive ids 0..k-1 for the labels >= 0 (noise = -1 kept)."""
+    uniq = np.unique(labels[labels >= 0])
+    remap = {int(u): i for i, u in enumerate(uniq)}
+    return np.array([remap.get(int(v), -1) for v in labels]), len(uniq)
+
+
+def _kmeans(x: np.ndarray, k: int, n_init: int, seed: int) -> np.ndarray:
+    return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(x)
+
+
+def choose_k(x: np.ndarray, k_min: int, k_max: int, n_init: int, seed: int, sample: int = 3000) -> tuple[int, dict]:
+    """k in ``k_min..k_max`` with the best silhouette (cosine, on a sample): a label-free criterion."""
+    from sklearn.metrics import silhouette_score
+
+    scores = {}
+    for k in range(k_min, min(k_max, len(x) - 1) + 1):
+        labels = _kmeans(x, k, n_init, seed)
+        scores[k] = float(
+            silhouette_score(x, labels, metric="cosine", sample_size=min(sample, len(x)), random_state=seed)
+        )
+    best = max(scores, key=lambda k: scores[k])
+    return best, scores
+
+
+def _pca(x: np.ndarray, dims: int, seed: int) -> np.ndarray:
+    from sklearn.decomposition import PCA
+
+    dims = min(dims, x.shape[1], len(x))
+    return PCA(n_components=dims, random_state=seed).fit_transform(x).astype(np.float32)
+
+
+def knn_indices(x: np.ndarray, k: int, chunk: int = 2048) -> np.ndarray:
+    """Indices of the ``k`` nearest neighbours (cosine, self excluded) of L2-normalised rows, in chunks."""
+    k = min(k, len(x) - 1)
+    out = np.empty((len(x), k), np.int64)
+    for i in range(0, len(x), chunk):
+        sim = x[i : i + chunk] @ x.T
+        sim[np.arange(len(sim)), np.arange(i, i + len(sim))] = -np.inf
+        part = np.argpartition(-sim, k, axis=1)[:, :k]
+        order = np.argsort(-np.take_along_axis(sim, part, axis=1), axis=1)
+        out[i : i + chunk] = np.take_along_axis(part, order, axis=1)
+    return out
+
+
+def _scan(x: np.ndarray, k: int, params: ClusterParams, seed: int, init: np.ndarray) -> tuple[list, dict]:
+    """Train ``params.heads`` SCAN heads on fixed, L2-normalised vectors; return the best head's layers."""
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    n, d = x.shape
+    nn_idx = torch.from_numpy(knn_indices(x, params.neighbours))
+    xt = torch.from_numpy(x)
+    hidden = params.hidden
+    # head 0 starts from the k-means solution (prototype classifier); the others from random starts
+    protos = torch.from_numpy(_prototypes(x, init, k))
+
+    def make(h: int) -> nn.Module:
+        if hidden:
+            return nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, k))
+        lin = nn.Linear(d, k)
+        if h == 0:
+            with torch.no_grad():
+                lin.weight.copy_(protos * 10.0)
+                lin.bias.zero_()
+        return lin
+
+    heads = nn.ModuleList([make(h) for h in range(params.heads)])
+    opt = torch.optim.Adam(heads.parameters(), lr=params.lr, weight_decay=1e-4)
+    bs = min(512, n)
+    steps_per_epoch = max(1, n // bs)
+
+    def losses(p_a: torch.Tensor, p_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cons = -torch.log((p_a * p_b).sum(1).clamp_min(1e-8)).mean()
+        mean = p_a.mean(0)
+        ent = (mean * torch.log(mean.clamp_min(1e-8))).sum()  # = -entropy
+        return cons, ent
+
+    for _ in range(params.epochs):
+        perm = torch.randperm(n, generator=gen)
+        for s in range(steps_per_epoch):
+            idx = perm[s * bs : (s + 1) * bs]
+            nb = nn_idx[idx, torch.randint(0, nn_idx.shape[1], (len(idx),), generator=gen)]
+            total = 0.0
+            for head in heads:
+                cons, ent = losses(F.softmax(head(xt[idx]), 1), F.softmax(head(xt[nb]), 1))
+                total = total + cons + params.entropy_weight * ent
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+    # each head's own loss on every image and all its neighbours: the label-free model selection
+    with torch.no_grad():
+        scores = []
+        for head in heads:
+            p = F.softmax(head(xt), 1)
+            cons = -torch.log((p.unsqueeze(1) * p[nn_idx]).sum(2).clamp_min(1e-8)).mean()
+            mean = p.mean(0)
+            scores.append(float(cons + params.entropy_weight * (mean * torch.log(mean.clamp_min(1e-8))).sum()))
+        best = int(np.argmin(scores))
+        head = heads[best]
+    if params.self_label:
+        head = _self_label(head, xt, k, params, gen)
+    layers = [m for m in (head if isinstance(head, nn.Sequential) else [head]) if isinstance(m, nn.Linear)]
+    weights = [(m.weight.detach().numpy().copy(), m.bias.detach().numpy().copy()) for m in layers]
+    return weights, {"head_losses": scores, "best_head": best}
+
+
+def _self_label(head, xt, k: int, params: ClusterParams, gen) -> Any:
+    """SCAN's self-labelling: train on the head's own confident predictions (class-balanced cross-entropy)."""
+    import torch
+    from torch.nn import functional as F
+
+    opt = torch.optim.Adam(head.parameters(), lr=params.lr * 0.5, weight_decay=1e-4)
+    n = len(xt)
+    bs = min(512, n)
+    for _ in range(max(1, params.epochs // 3)):
+        with torch.no_grad():
+            p = F.softmax(head(xt), 1)
+            conf, target = p.max(1)
+            mask = conf > params.self_label_threshold
+        if mask.sum() < k:
+            break
+        counts = torch.bincount(target[mask], minlength=k).float()
+        weight = torch.where(counts > 0, counts.sum() / (k * counts.clamp_min(1)), torch.zeros_like(counts))
+        idx_all = torch.nonzero(mask).squeeze(1)
+        perm = idx_all[torch.randperm(len(idx_all), generator=gen)]
+        for s in range(0, len(perm), bs):
+            idx = perm[s : s + bs]
+            noisy = xt[idx] + 0.02 * torch.randn(xt[idx].shape, generator=gen)
+            loss = F.cross_entropy(head(noisy), target[idx], weight=weight)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return head
+
+
+def cluster(vectors: np.ndarray, params: ClusterParams, seed: int) -> Clustering:
+    """Fit ``params.method`` on ``vectors`` ``(N, d)`` and assign every vector."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    n = len(vectors)
+    if n < 2:
+        raise ValueError(f"clustering needs at least 2 images, got {n}")
+    mean = vectors.mean(axis=0) if params.center else np.zeros(vectors.shape[1], np.float32)
+    x = _prep(vectors, mean)
+    info: dict[str, Any] = {}
+    method = params.method
+    if method in ("kmeans", "scan"):
+        if params.k == 0:
+            k, scores = choose_k(x, params.k_min, min(params.k_max, n - 1), params.n_init, seed)
+            info["k_scores"] = scores
+        else:
+            k = min(params.k, n)
+        labels = _kmeans(x, k, params.n_init, seed)
+        if method == "scan" and k >= 2:
+            head, scan_info = _scan(x, k, params, seed, labels)
+            info.update(scan_info)
+            labels = _head_probs(head, x).argmax(axis=1)
+            model = ClusterModel(method, _prototypes(x, labels, k), mean, head=head, info=info)
+            return assign(model, vectors)
+    elif method == "hdbscan":
+        from sklearn.cluster import HDBSCAN
+
+        z = _pca(x, params.pca_dims, seed)
+        min_size = params.min_cluster_size or max(5, n // 100)
+        raw = HDBSCAN(min_cluster_size=min(min_size, n), min_samples=params.min_samples).fit_predict(z)
+        labels, k = _relabel(raw)
+        if k < 2:  # no density structure: fall back to k-means so the run still yields clusters
+            k = min(max(params.k, 2), n)
+            labels = _kmeans(x, k, params.n_init, seed)
+            info["fallback"] = "kmeans"
+        protos = _prototypes(x, labels, k)
+        model = ClusterModel(method, protos, mean, info={**info, "n_noise": int((labels < 0).sum())})
+        result = assign(model, vectors)
+        noise = labels < 0
+        conf = np.where(noise, 0.0, result.confidence)
+        return Clustering(result.labels, conf, result.distance, model)
+    elif method == "agglomerative":
+        from sklearn.cluster import AgglomerativeClustering
+
+        k = min(params.k or 8, n)
+        rng = np.random.default_rng(seed)
+        fit_idx = np.sort(rng.choice(n, size=min(n, params.max_fit), replace=False))
+        z = _pca(x, params.pca_dims, seed)
+        sub = AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(z[fit_idx])
+        labels = np.full(n, -1)
+        labels[fit_idx] = sub
+    else:
+        raise ValueError(f"cluster.method: unknown {method!r}; choose from {', '.join(METHODS)}")
+    model = ClusterModel(method, _prototypes(x, labels, k), mean, info=info)
+    return assign(model, vectors)
 
 
 def internal_metrics(vectors: np.ndarray, labels: np.ndarray, seed: int, sample: int = 5000) -> dict[str, object]:

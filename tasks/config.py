@@ -85,12 +85,41 @@ class EmbedParams(_Section):
 
 
 class ClusterParams(_Section):
-    method: Literal["kmeans"] = "kmeans"
-    k: int = Field(8, ge=2)
+    method: Literal["kmeans", "scan", "hdbscan", "agglomerative"] = Field(
+        "scan", description="kmeans | scan (neighbour-consistency head) | hdbscan (density) | agglomerative (Ward)."
+    )
+    k: int = Field(
+        8, ge=0, description="Clusters; more than the defect types = over-clustering; 0 = chosen by silhouette."
+    )
+    k_min: int = Field(2, ge=2, description="Smallest k tried when k = 0.")
+    k_max: int = Field(15, ge=2, description="Largest k tried when k = 0.")
     n_init: int = Field(10, ge=1)
+    center: bool = Field(True, description="Subtract the mean vector before the cosine geometry.")
+    neighbours: int = Field(10, ge=1, description="scan: nearest neighbours pushed into the same cluster.")
+    heads: int = Field(8, ge=1, description="scan: heads trained from different starts; the lowest loss is kept.")
+    epochs: int = Field(40, ge=1, description="scan: passes over the data.")
+    lr: float = Field(1e-3, gt=0.0, description="scan: Adam learning rate.")
+    hidden: int = Field(0, ge=0, description="scan: hidden units of the head; 0 = a linear head.")
+    entropy_weight: float = Field(
+        2.0, ge=0.0, description="scan: weight of the term that keeps every cluster in use (not a size prior)."
+    )
+    self_label: bool = Field(False, description="scan: fine-tune on the head's own confident predictions.")
+    self_label_threshold: float = Field(0.99, gt=0.0, lt=1.0)
+    pca_dims: int = Field(32, ge=2, description="hdbscan/agglomerative: PCA dimensions they run on.")
+    min_cluster_size: int = Field(0, ge=0, description="hdbscan: 0 = 1 % of the images (at least 5).")
+    min_samples: int | None = Field(None, ge=1, description="hdbscan: density smoothing; null = min_cluster_size.")
+    max_fit: int = Field(5000, ge=2, description="agglomerative: fit on at most this many images, assign the rest.")
     review_below: float = Field(
         0.15, ge=0.0, le=1.0, description="Images whose confidence is below this go to the review queue."
     )
+
+    @model_validator(mode="after")
+    def _k(self) -> ClusterParams:
+        if self.k == 1:
+            raise ValueError("k must be 0 (automatic) or at least 2")
+        if self.k_min > self.k_max:
+            raise ValueError("k_min must not exceed k_max")
+        return self
 
 
 class PublishParams(_Section):

@@ -16,32 +16,12 @@ from tasks.publishing import sha256_file
 
 pytestmark = pytest.mark.flow
 
-FAST = ["embed.epochs=1", "embed.batch_size=32", "standardize.size=32", "cluster.k=7", "cluster.n_init=2"]
-
 
 def _dvc(ws: Path, *args: str) -> str:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
     proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=ws, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     return proc.stdout
-
-
-@pytest.fixture(scope="module")
-def synth_data(tmp_path_factory) -> Path:
-    from tasks.synthetic import generate
-
-    out = tmp_path_factory.mktemp("synth") / "images"
-    generate(out, n=150, seed=3)
-    return out
-
-
-@pytest.fixture(scope="module")
-def retrain_run(prefect_engine, synth_data, tmp_path_factory):
-    from flows.retrain import retrain
-
-    ws = tmp_path_factory.mktemp("ws") / "workspace"
-    path = retrain(images=str(synth_data), workspace=str(ws), labels=str(synth_data / "labels.csv"), overrides=FAST)
-    return ws, Path(path)
 
 
 def test_label_set_files_and_rows(retrain_run, synth_data):

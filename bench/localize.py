@@ -1,0 +1,155 @@
+"""Benchmark template-based defect localisation on DeepPCB test pairs (tasks/localize.py).
+
+Runs ``find_defects`` + ``crop_boxes`` on every pair of ``../shared/data/deeppcb-pairs`` and, side by side, a naive
+baseline (absolute difference of the unregistered images, fixed threshold, connected components). An annotated box
+counts as found when a crop covers it with IoU >= 0.5 or contains its centre; a crop that finds no box is spurious.
+
+    .venv/bin/python bench/localize.py [--limit N] [--data DIR] [--set key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import yaml
+from scipy import ndimage as ndi
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tasks.datasets import decode  # noqa: E402
+from tasks.localize import Box, LocalizeParams, crop_boxes, find_defects  # noqa: E402
+
+BASELINE_THRESHOLD = 64  # grey levels (0-255): a quarter of the range
+
+
+def iou(a: Box, b: Box) -> float:
+    """Intersection over union of two boxes (exclusive ends)."""
+    iw = max(0, min(a.x2, b.x2) - max(a.x1, b.x1))
+    ih = max(0, min(a.y2, b.y2) - max(a.y1, b.y1))
+    inter = iw * ih
+    union = a.width * a.height + b.width * b.height - inter
+    return inter / union if union else 0.0
+
+
+def covers(crop: Box, gt: Box) -> bool:
+    """The scoring rule: IoU >= 0.5 or the crop contains the box centre."""
+    cx, cy = (gt.x1 + gt.x2) / 2.0, (gt.y1 + gt.y2) / 2.0
+    return crop.x1 <= cx < crop.x2 and crop.y1 <= cy < crop.y2 or iou(crop, gt) >= 0.5
+
+
+def baseline_defects(test: np.ndarray, template: np.ndarray, params: LocalizeParams) -> list[Box]:
+    """Plain |test - template| > fixed threshold, 8-connected components, same min_area and max_crops."""
+    mask = np.abs(test.astype(np.int16) - template.astype(np.int16)) > BASELINE_THRESHOLD
+    labels, n = ndi.label(mask, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return []
+    areas = ndi.sum_labels(np.ones(mask.shape), labels, np.arange(1, n + 1)).astype(int)
+    boxes = [
+        Box(sl[1].start, sl[0].start, sl[1].stop, sl[0].stop, float(areas[i]), int(areas[i]))
+        for i, sl in enumerate(ndi.find_objects(labels))
+        if sl is not None and areas[i] >= params.min_area
+    ]
+    boxes.sort(key=lambda b: -b.score)
+    return boxes[: params.max_crops]
+
+
+def load_boxes(data: Path) -> dict[tuple[str, str], list[tuple[Box, str]]]:
+    """boxes.csv grouped by (image, template)."""
+    out: dict[tuple[str, str], list[tuple[Box, str]]] = defaultdict(list)
+    with (data / "boxes.csv").open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            box = Box(int(row["x1"]), int(row["y1"]), int(row["x2"]), int(row["y2"]))
+            out[(row["image"], row["template"])].append((box, row["label"]))
+    return out
+
+
+def evaluate(name: str, method, pairs, data: Path, params: LocalizeParams) -> dict:
+    found_by_label: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    n_crops = n_spurious = 0
+    t0 = time.perf_counter()
+    for (image, template), gts in pairs:
+        test, _ = decode(data / image)
+        temp, _ = decode(data / template)
+        crops = [c for c, _ in crop_boxes(test, method(test, temp, params), params)]
+        n_crops += len(crops)
+        n_spurious += sum(not any(covers(c, gt) for gt, _ in gts) for c in crops)
+        for gt, label in gts:
+            found_by_label[label][1] += 1
+            found_by_label[label][0] += any(covers(c, gt) for c in crops)
+    seconds = time.perf_counter() - t0
+    found = sum(v[0] for v in found_by_label.values())
+    total = sum(v[1] for v in found_by_label.values())
+    return {
+        "method": name,
+        "images": len(pairs),
+        "boxes": total,
+        "recall": found / total,
+        "recall_per_label": {k: v[0] / v[1] for k, v in sorted(found_by_label.items())},
+        "missed": total - found,
+        "crops_per_image": n_crops / len(pairs),
+        "spurious_per_image": n_spurious / len(pairs),
+        "images_per_s": len(pairs) / seconds,
+    }
+
+
+def table(results: list[dict]) -> str:
+    labels = sorted(results[0]["recall_per_label"])
+    head = ["method", "recall", *labels, "crops/img", "spurious/img", "img/s"]
+    rows = [
+        [
+            r["method"],
+            f"{r['recall']:.3f}",
+            *(f"{r['recall_per_label'][k]:.3f}" for k in labels),
+            f"{r['crops_per_image']:.2f}",
+            f"{r['spurious_per_image']:.2f}",
+            f"{r['images_per_s']:.1f}",
+        ]
+        for r in results
+    ]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=ROOT / ".." / "shared" / "data" / "deeppcb-pairs")
+    ap.add_argument("--limit", type=int, default=0, help="Only the first N pairs (0 = all).")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Override a LocalizeParams field.")
+    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "localize.json")
+    args = ap.parse_args(argv)
+    data = args.data.resolve()
+    if not (data / "boxes.csv").is_file():
+        print(f"no boxes.csv in {data}", file=sys.stderr)
+        return 2
+    overrides = {}
+    for item in args.set:
+        key, _, raw = item.partition("=")
+        overrides[key.strip()] = yaml.safe_load(raw)
+    params = LocalizeParams(**overrides)
+    pairs = sorted(load_boxes(data).items())
+    if args.limit:
+        pairs = pairs[: args.limit]
+    results = [evaluate("template (registered, tolerant)", find_defects, pairs, data, params)]
+    if not args.no_baseline:
+        results.append(evaluate(f"baseline (|diff|>{BASELINE_THRESHOLD}, unregistered)", baseline_defects, pairs,
+                                data, params))
+    print(f"{len(pairs)} pairs, {results[0]['boxes']} boxes, data {data}")
+    print(table(results))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"params": params.model_dump(mode="json"), "results": results}, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,480 @@
+"""Defect-area localisation against a golden template: raw inspection image -> defect patches.
+
+An AOI machine usually has a defect-free reference ("template", "golden image") of the same board or package.
+What differs between the inspected image and its template is where the defects are, so the stage aligns the two,
+normalises their lighting, differences them in a way that tolerates the last pixel of misalignment and JPEG
+ringing, and turns the connected regions of the difference into boxes, then into square crops (the patches the
+rest of the pipeline labels).
+
+Pairing images with templates (``pair_templates``) follows one of three documented rules:
+
+``same-name``
+    the template of ``IMAGES/a/b.png`` is ``TEMPLATES/a/b.png`` (two parallel folder trees).
+``suffix``
+    both live in the same folder: ``<stem><test_suffix>.<ext>`` pairs with ``<stem><template_suffix>.<ext>``
+    (defaults ``_test`` / ``_temp``, as in DeepPCB). Template files are returned separately so the caller can keep
+    them out of the images to label.
+``single``
+    one golden image for every inspected image: ``TEMPLATES`` is a file.
+
+Images without a template are returned separately (never dropped silently).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy import ndimage as ndi
+
+from tasks.datasets import decode
+
+PairingRule = Literal["same-name", "suffix", "single"]
+
+
+class LocalizeParams(BaseModel):
+    """Every tunable of template-based defect localisation (the ``localize:`` section of params.yaml).
+
+    Lengths are in pixels of the inspected image; grey levels are on the normalised 0-1 scale (after each image's
+    percentile stretch), so the same values work for binarised scans and grey IC-package images alike.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    registration: Literal["search", "phase", "none"] = Field(
+        "search",
+        description="How to align test to template: exhaustive integer search minimising the mean absolute "
+        "difference (robust, O(shifts)), phase correlation (fast for large shifts), or none.",
+    )
+    max_shift: int = Field(8, ge=0, le=256, description="Largest registration shift searched/accepted, pixels.")
+    local_tile: int = Field(
+        128,
+        ge=0,
+        description="Tile side (px) for local shift refinement and an affine fit (slight scale/rotation between "
+        "scans); 0 = one global shift only. Images smaller than two tiles use the global shift.",
+    )
+    local_reach: int = Field(3, ge=1, le=32, description="Per-tile search radius around the global shift, pixels.")
+    percentiles: tuple[float, float] = Field(
+        (1.0, 99.0), description="Lighting normalisation: each image's low/high percentiles are mapped to 0 and 1."
+    )
+    tolerance_radius: int = Field(
+        1,
+        ge=0,
+        le=10,
+        description="A test pixel only differs if it lies outside the template's min-max range within this radius "
+        "(absorbs residual misalignment and edge ringing).",
+    )
+    threshold: float = Field(0.35, gt=0.0, le=1.0, description="Normalised difference above which a pixel differs.")
+    morph_radius: int = Field(
+        1, ge=0, le=10, description="Opening radius removing specks thinner than 2*r+1 px from the difference mask."
+    )
+    min_area: int = Field(6, ge=1, description="Smallest differing region (pixels, after morphology) kept.")
+    merge_distance: int = Field(
+        6, ge=0, description="Regions closer than this (pixels) are one defect (a broken track shows as two blobs)."
+    )
+    min_side: int = Field(64, ge=1, description="Smallest crop side, pixels.")
+    margin: int = Field(16, ge=0, description="Crop side = max(min_side, longest box side + margin).")
+    max_crops: int = Field(50, ge=1, description="At most this many crops per image, strongest difference first.")
+    test_suffix: str = Field("_test", description="`suffix` pairing: stem suffix of inspected images.")
+    template_suffix: str = Field("_temp", description="`suffix` pairing: stem suffix of templates.")
+
+    @model_validator(mode="after")
+    def _check(self) -> LocalizeParams:
+        lo, hi = self.percentiles
+        if not 0.0 <= lo < hi <= 100.0:
+            raise ValueError("percentiles must satisfy 0 <= low < high <= 100")
+        if self.test_suffix == self.template_suffix:
+            raise ValueError("test_suffix and template_suffix must differ")
+        return self
+
+
+@dataclass(frozen=True)
+class Box:
+    """A region in image coordinates, ``x2``/``y2`` exclusive; ``score`` = summed excess difference."""
+
+    x1: int
+    y1: int
+    x2: int
+    y2: int
+    score: float = 0.0
+    area: int = 0
+
+    @property
+    def width(self) -> int:
+        return self.x2 - self.x1
+
+    @property
+    def height(self) -> int:
+        return self.y2 - self.y1
+
+
+def normalise(grey: np.ndarray, percentiles: tuple[float, float] = (1.0, 99.0)) -> np.ndarray:
+    """Percentile stretch to float32 0-1, so gain/offset differences between test and template cancel."""
+    lo, hi = np.percentile(grey, percentiles)
+    if hi <= lo:
+        return np.zeros(grey.shape, np.float32)
+    return np.clip((grey.astype(np.float32) - lo) / float(hi - lo), 0.0, 1.0)
+
+
+def _overlap(shape: tuple[int, int], dy: int, dx: int) -> tuple[slice, slice, slice, slice]:
+    """Slices (test rows, test cols, template rows, template cols) where test[y, x] meets template[y+dy, x+dx]."""
+    h, w = shape
+    ty = slice(max(0, -dy), min(h, h - dy))
+    tx = slice(max(0, -dx), min(w, w - dx))
+    ry = slice(max(0, dy), min(h, h + dy))
+    rx = slice(max(0, dx), min(w, w + dx))
+    return ty, tx, ry, rx
+
+
+def _search_shift(test: np.ndarray, template: np.ndarray, max_shift: int, centre: tuple[int, int]) -> tuple[int, int]:
+    """Integer shift within ``max_shift`` of ``centre`` minimising the mean absolute difference on the overlap."""
+    best, best_cost = centre, np.inf
+    cy, cx = centre
+    for dy in range(cy - max_shift, cy + max_shift + 1):
+        for dx in range(cx - max_shift, cx + max_shift + 1):
+            ty, tx, ry, rx = _overlap(test.shape, dy, dx)
+            a, b = test[ty, tx], template[ry, rx]
+            if a.size == 0:
+                continue
+            cost = float(np.abs(a - b).mean())
+            if cost < best_cost:
+                best, best_cost = (dy, dx), cost
+    return best
+
+
+def register(
+    test: np.ndarray, template: np.ndarray, max_shift: int, method: str = "search"
+) -> tuple[int, int]:
+    """Integer ``(dy, dx)`` such that ``test[y, x]`` corresponds to ``template[y + dy, x + dx]``.
+
+    ``search`` tries every shift up to ``max_shift`` on a 2x-downsampled pair, then refines by one pixel at full
+    resolution: defects are a tiny share of the pixels, so the mean absolute difference has a sharp minimum at the
+    true shift. ``phase`` uses phase correlation (any shift, but a shift beyond ``max_shift`` is treated as a
+    failure and gives (0, 0)). Sub-pixel residuals are left to the tolerant difference.
+    """
+    if test.shape != template.shape:
+        raise ValueError(f"test {test.shape} and template {template.shape} differ in size")
+    if method == "none" or max_shift == 0:
+        return 0, 0
+    a = normalise(test) if test.dtype == np.uint8 else test.astype(np.float32)
+    b = normalise(template) if template.dtype == np.uint8 else template.astype(np.float32)
+    if method == "phase":
+        from skimage.registration import phase_cross_correlation
+
+        shift, _, _ = phase_cross_correlation(b, a, upsample_factor=1, normalization=None)
+        dy, dx = (int(round(-s)) for s in shift)
+        if max(abs(dy), abs(dx)) > max_shift:
+            return 0, 0
+        return dy, dx
+    if method != "search":
+        raise ValueError(f"unknown registration method {method!r}")
+    if min(a.shape) >= 64 and max_shift >= 2:
+        a2, b2 = _downsample2(a), _downsample2(b)
+        cy, cx = _search_shift(a2, b2, (max_shift + 1) // 2, (0, 0))
+        coarse = (2 * cy, 2 * cx)
+        return _search_shift(a, b, 1, coarse)
+    return _search_shift(a, b, max_shift, (0, 0))
+
+
+def _downsample2(img: np.ndarray) -> np.ndarray:
+    h, w = (img.shape[0] // 2) * 2, (img.shape[1] // 2) * 2
+    return img[:h, :w].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+
+
+def _subpixel(cm: float, c0: float, cp: float) -> float:
+    """Vertex offset (-0.5..0.5) of the parabola through three costs around a minimum."""
+    den = cm - 2.0 * c0 + cp
+    return float(np.clip(0.5 * (cm - cp) / den, -0.5, 0.5)) if den > 0 else 0.0
+
+
+def _tile_shift(a: np.ndarray, b: np.ndarray, box: tuple[int, int, int, int], centre: tuple[int, int], reach: int):
+    """Sub-pixel shift of one tile of ``a`` against ``b`` near ``centre``, or None when its minimum is not distinct.
+
+    A tile is trusted only if its best shift is strictly inside the searched window and clearly better than the
+    typical shift (flat areas and stripes parallel to the shift have no distinct minimum).
+    """
+    y0, x0, y1, x1 = box
+    tile = a[y0:y1, x0:x1]
+    if float(tile.std()) < 0.05:
+        return None
+    n = 2 * reach + 1
+    costs = np.full((n, n), np.inf)
+    cy, cx = centre
+    for i in range(n):
+        for j in range(n):
+            dy, dx = cy + i - reach, cx + j - reach
+            if y0 + dy < 0 or x0 + dx < 0 or y1 + dy > b.shape[0] or x1 + dx > b.shape[1]:
+                continue
+            costs[i, j] = float(np.abs(tile - b[y0 + dy : y1 + dy, x0 + dx : x1 + dx]).mean())
+    if not np.isfinite(costs).all():
+        return None
+    i, j = np.unravel_index(int(np.argmin(costs)), costs.shape)
+    if i in (0, n - 1) or j in (0, n - 1):
+        return None
+    best, typical = costs[i, j], float(np.median(costs))
+    if typical - best < 0.5 * typical:
+        return None
+    fy = _subpixel(costs[i - 1, j], best, costs[i + 1, j])
+    fx = _subpixel(costs[i, j - 1], best, costs[i, j + 1])
+    return cy + i - reach + fy, cx + j - reach + fx
+
+
+def estimate_alignment(test: np.ndarray, template: np.ndarray, params: LocalizeParams) -> np.ndarray:
+    """2x3 affine ``M`` mapping test pixel ``(y, x, 1)`` to template coordinates; identity plus shift by default.
+
+    The global integer shift (``register``) is refined tile by tile (``local_tile`` px, +-``local_reach`` px, sub-pixel)
+    and an affine model is fitted to the trusted tile shifts with outlier rejection: scans and cameras differ by
+    slight scale, rotation or skew, which a single shift leaves as misaligned edges growing across the image.
+    Too few trusted tiles, or a model straying beyond ``max_shift``, falls back to the global shift.
+    """
+    a = test if test.dtype != np.uint8 else normalise(test, params.percentiles)
+    b = template if template.dtype != np.uint8 else normalise(template, params.percentiles)
+    dy, dx = register(a, b, params.max_shift, params.registration)
+    shift = np.array([[1.0, 0.0, dy], [0.0, 1.0, dx]])
+    t = params.local_tile
+    h, w = a.shape
+    if t == 0 or params.registration == "none" or h < 2 * t or w < 2 * t:
+        return shift
+    points, targets = [], []
+    for y0 in range(0, h - t + 1, t):
+        for x0 in range(0, w - t + 1, t):
+            found = _tile_shift(a, b, (y0, x0, y0 + t, x0 + t), (dy, dx), params.local_reach)
+            if found is not None:
+                cy, cx = y0 + (t - 1) / 2.0, x0 + (t - 1) / 2.0
+                points.append((cy, cx, 1.0))
+                targets.append((cy + found[0], cx + found[1]))
+    if len(points) < 6:
+        return shift
+    design, goal = np.array(points), np.array(targets)
+    keep = np.ones(len(points), bool)
+    model = shift.T
+    for _ in range(3):
+        if keep.sum() < 6:
+            return shift
+        model, *_ = np.linalg.lstsq(design[keep], goal[keep], rcond=None)
+        residual = np.linalg.norm(design @ model - goal, axis=1)
+        new_keep = residual <= max(1.0, 2.5 * float(np.median(residual[keep])))
+        if (new_keep == keep).all():
+            break
+        keep = new_keep
+    corners = np.array([[0, 0, 1], [0, w - 1, 1], [h - 1, 0, 1], [h - 1, w - 1, 1]], float)
+    displacement = corners @ model - corners[:, :2]
+    if np.abs(displacement).max() > params.max_shift:
+        return shift
+    return model.T
+
+
+def difference_map(test: np.ndarray, template: np.ndarray, params: LocalizeParams) -> np.ndarray:
+    """Float 0-1 map (test's shape) of how far each test pixel lies outside its template neighbourhood.
+
+    Both images are lighting-normalised and the template is resampled onto the test (``estimate_alignment``). A test
+    pixel then counts as different only by its distance to the template's [min, max] within ``tolerance_radius``:
+    an edge displaced by a pixel, or ringing along an edge, stays inside that range; missing or extra material does
+    not. Only the test side is compared this way, so a defect thinner than the tolerance (a 1 px crack) survives.
+    Pixels the template does not cover are 0.
+    """
+    a = normalise(test, params.percentiles)
+    b = normalise(template, params.percentiles)
+    model = estimate_alignment(a, b, params)
+    h, w = a.shape
+    if np.allclose(model[:, :2], np.eye(2)) and np.allclose(model[:, 2], np.round(model[:, 2])):
+        dy, dx = (int(round(v)) for v in model[:, 2])
+        ty, tx, ry, rx = _overlap(a.shape, dy, dx)
+        warped = np.zeros_like(a)
+        warped[ty, tx] = b[ry, rx]
+        valid = np.zeros(a.shape, bool)
+        valid[ty, tx] = True
+    else:
+        warped = ndi.affine_transform(b, model[:, :2], offset=model[:, 2], order=1, mode="nearest")
+        yy, xx = np.mgrid[0:h, 0:w]
+        my = model[0, 0] * yy + model[0, 1] * xx + model[0, 2]
+        mx = model[1, 0] * yy + model[1, 1] * xx + model[1, 2]
+        valid = (my >= 0) & (my <= h - 1) & (mx >= 0) & (mx <= w - 1)
+    size = 2 * params.tolerance_radius + 1
+    if size > 1:
+        bmin, bmax = ndi.minimum_filter(warped, size), ndi.maximum_filter(warped, size)
+        d = np.maximum(a - bmax, 0) + np.maximum(bmin - a, 0)
+    else:
+        d = np.abs(a - warped)
+    d[~ndi.binary_erosion(valid, iterations=params.tolerance_radius) if params.tolerance_radius else ~valid] = 0
+    return d.astype(np.float32)
+
+
+def _disk(radius: int) -> np.ndarray:
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    return xx * xx + yy * yy <= radius * radius
+
+
+def boxes_from_difference(diff: np.ndarray, params: LocalizeParams) -> list[Box]:
+    """Threshold, clean, label and merge: one Box per defect region, strongest first, at most ``max_crops``."""
+    mask = diff > params.threshold
+    if params.morph_radius > 0:
+        mask = ndi.binary_opening(mask, structure=_disk(params.morph_radius))
+    labels, n = ndi.label(mask, structure=np.ones((3, 3), bool))
+    if n == 0:
+        return []
+    index = np.arange(1, n + 1)
+    areas = ndi.sum_labels(np.ones_like(diff), labels, index).astype(int)
+    scores = ndi.sum_labels(diff - params.threshold, labels, index)
+    raw: list[Box] = []
+    for i, sl in enumerate(ndi.find_objects(labels)):
+        if sl is None or areas[i] < params.min_area:
+            continue
+        raw.append(Box(sl[1].start, sl[0].start, sl[1].stop, sl[0].stop, float(scores[i]), int(areas[i])))
+    merged = merge_boxes(raw, params.merge_distance)
+    merged.sort(key=lambda b: -b.score)
+    return merged[: params.max_crops]
+
+
+def _gap(a: Box, b: Box) -> int:
+    """Chebyshev gap between two boxes (0 when they touch or overlap)."""
+    gx = max(0, max(a.x1, b.x1) - min(a.x2, b.x2))
+    gy = max(0, max(a.y1, b.y1) - min(a.y2, b.y2))
+    return max(gx, gy)
+
+
+def merge_boxes(boxes: list[Box], distance: int) -> list[Box]:
+    """Union boxes whose gap is at most ``distance`` until none are that close (single-linkage)."""
+    boxes = list(boxes)
+    changed = True
+    while changed:
+        changed = False
+        out: list[Box] = []
+        for box in boxes:
+            for j, other in enumerate(out):
+                if _gap(box, other) <= distance:
+                    out[j] = Box(
+                        min(box.x1, other.x1),
+                        min(box.y1, other.y1),
+                        max(box.x2, other.x2),
+                        max(box.y2, other.y2),
+                        box.score + other.score,
+                        box.area + other.area,
+                    )
+                    changed = True
+                    break
+            else:
+                out.append(box)
+        boxes = out
+    return boxes
+
+
+def find_defects(test: np.ndarray, template: np.ndarray, params: LocalizeParams) -> list[Box]:
+    """Defect boxes in ``test`` (grey uint8, same size as ``template``), strongest first."""
+    return boxes_from_difference(difference_map(test, template, params), params)
+
+
+def crop_box(box: Box, shape: tuple[int, int], params: LocalizeParams) -> Box:
+    """Square crop centred on ``box``: side = max(min_side, longest box side + margin), shifted to fit the image."""
+    h, w = shape
+    side = min(max(params.min_side, max(box.width, box.height) + params.margin), h, w)
+    cx, cy = (box.x1 + box.x2) / 2.0, (box.y1 + box.y2) / 2.0
+    x1 = int(min(max(round(cx - side / 2.0), 0), w - side))
+    y1 = int(min(max(round(cy - side / 2.0), 0), h - side))
+    return Box(x1, y1, x1 + side, y1 + side, box.score, box.area)
+
+
+def crop_boxes(image: np.ndarray, boxes: list[Box], params: LocalizeParams) -> list[tuple[Box, np.ndarray]]:
+    """One square patch per box (a copy, so it outlives the image), with the crop's own box."""
+    out = []
+    for box in boxes:
+        c = crop_box(box, image.shape[:2], params)
+        out.append((c, image[c.y1 : c.y2, c.x1 : c.x2].copy()))
+    return out
+
+
+def localize_file(
+    test_path: Path, template_path: Path, params: LocalizeParams
+) -> list[tuple[Box, Box, np.ndarray]]:
+    """Decode a test/template pair and return ``(defect box, crop box, patch)`` for every defect found.
+
+    Raises:
+        ImageDecodeError: from ``decode``.
+        ValueError: when the two images differ in size.
+    """
+    test, _ = decode(Path(test_path))
+    template, _ = decode(Path(template_path))
+    if test.shape != template.shape:
+        raise ValueError(f"{test_path} {test.shape} and its template {template_path} {template.shape} differ in size")
+    boxes = find_defects(test, template, params)
+    return [(box, crop, patch) for box, (crop, patch) in zip(boxes, crop_boxes(test, boxes, params), strict=True)]
+
+
+@dataclass(frozen=True)
+class Pairing:
+    """Result of ``pair_templates``: image -> template, images with none, and files that are templates."""
+
+    pairs: dict[str, str]
+    missing: list[str]
+    templates: list[str]
+
+
+def pair_templates(
+    images: list[str],
+    templates_root: Path | None,
+    images_root: Path,
+    rule: str,
+    test_suffix: str = "_test",
+    template_suffix: str = "_temp",
+) -> Pairing:
+    """Find each image's template by ``rule`` (see the module docstring); nothing is dropped silently.
+
+    ``images`` are paths relative to ``images_root`` (as ``datasets.discover`` lists them). Returned pairs map such
+    a path to the template's file path (a string usable with ``decode``). ``missing`` are images without a template
+    file; ``templates`` are entries of ``images`` that are themselves templates (suffix files, files under
+    ``templates_root``, or the single golden image), which must not be labelled as inspected images.
+
+    Raises:
+        ValueError: unknown rule, or a ``templates_root`` that does not fit the rule.
+    """
+    images_root = Path(images_root)
+    pairs: dict[str, str] = {}
+    missing: list[str] = []
+    templates: list[str] = []
+    if rule == "single":
+        if templates_root is None or not Path(templates_root).is_file():
+            raise ValueError(f"rule 'single' needs the golden image file as templates root, got {templates_root}")
+        golden = Path(templates_root).resolve()
+        for rel in images:
+            if (images_root / rel).resolve() == golden:
+                templates.append(rel)
+            else:
+                pairs[rel] = str(templates_root)
+    elif rule == "same-name":
+        if templates_root is None or not Path(templates_root).is_dir():
+            raise ValueError(f"rule 'same-name' needs a templates folder, got {templates_root}")
+        troot = Path(templates_root).resolve()
+        for rel in images:
+            if (images_root / rel).resolve().is_relative_to(troot):
+                templates.append(rel)  # the template tree lies inside the image tree
+                continue
+            candidate = Path(templates_root) / rel
+            if candidate.is_file():
+                pairs[rel] = str(candidate)
+            else:
+                missing.append(rel)
+    elif rule == "suffix":
+        if not test_suffix or not template_suffix or test_suffix == template_suffix:
+            raise ValueError("rule 'suffix' needs two different, non-empty suffixes")
+        base = Path(templates_root) if templates_root is not None else images_root
+        if not base.is_dir():
+            raise ValueError(f"rule 'suffix': templates folder not found: {base}")
+        for rel in images:
+            p = Path(rel)
+            if p.stem.endswith(template_suffix):
+                templates.append(rel)
+            elif p.stem.endswith(test_suffix):
+                name = p.stem[: -len(test_suffix)] + template_suffix + p.suffix
+                candidate = base / p.parent / name
+                if candidate.is_file():
+                    pairs[rel] = str(candidate)
+                else:
+                    missing.append(rel)
+            else:
+                missing.append(rel)
+    else:
+        raise ValueError(f"unknown pairing rule {rule!r}: use same-name, suffix or single")
+    return Pairing(pairs=pairs, missing=missing, templates=templates)

@@ -1,0 +1,34 @@
+"""One real retrain run on a small synthetic set, shared by the flow tests (the flow costs ~1 min)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# fast settings for flow tests: a real but tiny training run
+FAST = ["embed.epochs=1", "embed.batch_size=32", "standardize.size=32", "cluster.k=7", "cluster.n_init=2"]
+
+
+@pytest.fixture(scope="session")
+def fast_overrides() -> list[str]:
+    return list(FAST)
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory) -> Path:
+    from tasks.synthetic import generate
+
+    out = tmp_path_factory.mktemp("synth") / "images"
+    generate(out, n=150, seed=3)
+    return out
+
+
+@pytest.fixture(scope="session")
+def retrain_run(prefect_engine, synth_data, tmp_path_factory) -> tuple[Path, Path]:
+    """(workspace, label set) of one retrain flow run with ground-truth labels."""
+    from flows.retrain import retrain
+
+    ws = tmp_path_factory.mktemp("ws") / "workspace"
+    path = retrain(images=str(synth_data), workspace=str(ws), labels=str(synth_data / "labels.csv"), overrides=FAST)
+    return ws, Path(path)
