@@ -23,7 +23,7 @@ console = Console(stderr=True)
 
 
 def _fail(message: str, code: int = 2) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -277,6 +277,102 @@ def restore_cmd(
         f"restored {info['files']} files of data version {info['data_md5']} to {info['to']} "
         f"({info['verified_sha256']} labelled images sha256-verified)"
     )
+
+
+@app.command("annotate")
+def annotate_cmd(
+    workspace: Annotated[Path, typer.Option(help="Workspace of a previous `autolabel run`.")] = Path("workspace"),
+    cluster_names: Annotated[
+        Path | None, typer.Option(help="YAML: cluster id → label ('3: crack'); several clusters may share a label.")
+    ] = None,
+    seeds: Annotated[Path | None, typer.Option(help="CSV image,label for a few images.")] = None,
+) -> None:
+    """Apply human cluster names and seed labels, propagate, and publish a new label set (no retraining)."""
+    from tasks.annotation import HumanInputError
+
+    for path in (cluster_names, seeds):
+        if path is not None and not path.is_file():
+            _fail(f"file not found: {path}")
+    environment.configure(workspace)
+    from flows.annotate import annotate
+
+    try:
+        path = annotate(
+            workspace=str(workspace),
+            cluster_names=str(cluster_names.resolve()) if cluster_names else None,
+            seeds=str(seeds.resolve()) if seeds else None,
+        )
+    except HumanInputError as exc:
+        _fail(str(exc))
+    except Exception as exc:
+        _fail(f"{type(exc).__name__}: {exc}", code=1)
+    _summary(workspace, Path(path))
+    print(path)
+
+
+@app.command("label-next")
+def label_next_cmd(
+    workspace: Annotated[Path, typer.Option(help="Workspace of a previous `autolabel run`.")] = Path("workspace"),
+    n: Annotated[int, typer.Option("--n", min=1, help="How many images to ask for.")] = 20,
+) -> None:
+    """List the images a human should label next for the most gain (CSV + montage); prints the CSV path."""
+    from tasks.labelnext import write_label_next
+
+    environment.configure(None)
+    try:
+        csv_path = write_label_next(workspace, n)
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    console.print(f"montage: {csv_path.with_suffix('.png')}", highlight=False)
+    print(csv_path)
+
+
+@app.command("simulate")
+def simulate_cmd(
+    images: Annotated[Path, typer.Option(help="Folder of images.")],
+    labels: Annotated[Path, typer.Option(help="Ground truth (path,label) that plays the human.")],
+    budget: Annotated[float, typer.Option(help="Share of the images the human labels, e.g. 0.02.")],
+    workspace: Annotated[Path, typer.Option(help="Workspace folder.")] = Path("workspace"),
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds of label-next → label → propagate.")] = 4,
+    retrain: Annotated[bool, typer.Option(help="Run the retrain flow first (else reuse the workspace's).")] = True,
+    params: Annotated[Path | None, typer.Option("--params", help="params.yaml to use.")] = None,
+    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override one parameter.")] = None,
+) -> None:
+    """Play the human from ground truth: label-next in rounds until the budget is spent, propagate, measure."""
+    from tasks.config import ParamsError, load_params
+
+    params_file = params if params is not None else (Path("params.yaml") if Path("params.yaml").is_file() else None)
+    try:
+        load_params(params_file, overrides)
+    except ParamsError as exc:
+        _fail(str(exc))
+    if not 0 < budget <= 1:
+        _fail(f"--budget must be a share of the images in (0, 1], got {budget}")
+    environment.configure(workspace)
+    if retrain:
+        from flows.retrain import retrain as retrain_flow
+
+        try:
+            retrain_flow(
+                images=str(images.resolve()),
+                workspace=str(workspace),
+                labels=str(labels.resolve()),
+                params_file=str(params_file.resolve()) if params_file else None,
+                overrides=list(overrides or []),
+            )
+        except Exception as exc:
+            _fail(f"{type(exc).__name__}: {exc}", code=1)
+    from tasks.labelnext import run_simulation
+
+    metrics_path = run_simulation(workspace, labels, budget, rounds)
+    metrics = json.loads(metrics_path.read_text())
+    console.print(
+        f"labels used {metrics['labels_used']} of {metrics['n_images']} ({budget:.1%}): overall accuracy "
+        f"{metrics['overall_accuracy']:.3f}, auto-accepted accuracy {metrics['auto_accepted_accuracy']:.3f} at "
+        f"coverage {metrics['coverage']:.3f}, macro recall {metrics['macro_recall']:.3f}",
+        highlight=False,
+    )
+    print(metrics_path)
 
 
 def main() -> None:

@@ -7,10 +7,14 @@ every step logs to one MLflow run, and the flow ends by recording the stages in 
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from filelock import FileLock, Timeout
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -38,6 +42,7 @@ standardize_task = _task(stages.run_standardize, "standardize")
 embed_task = _task(stages.run_embed, "embed")
 cluster_task = _task(stages.run_cluster, "cluster")
 evaluate_task = _task(stages.run_evaluate, "evaluate")
+annotate_task = _task(stages.run_annotate, "annotate")
 track_task = _task(stages.run_track, "track", retries=2)
 publish_task = _task(stages.run_publish, "publish")
 
@@ -48,7 +53,7 @@ def record_lock_task(ws: Workspace, push: bool) -> str:
     versioning.dvc(["commit", "-f", "-q"], ws.root)
     if push:
         versioning.dvc(["push", "-q"], ws.root)
-    versioning.git(["add", "-A", "--", "dvc.lock", "dvc.yaml", "params.yaml", "results"], ws.root)
+    versioning.git(["add", "-A", "--", "dvc.lock", "dvc.yaml", "params.yaml", "results", "human"], ws.root)
     if versioning.git(["status", "--porcelain", "--", "dvc.lock", "results"], ws.root).strip():
         versioning.git(["commit", "-q", "-m", "pipeline outputs"], ws.root)
     return versioning.git(["rev-parse", "HEAD"], ws.root).strip()
@@ -72,6 +77,17 @@ def lineage_tags(data: dict[str, Any], code: dict[str, Any], params: Params) -> 
     return tags
 
 
+@contextmanager
+def workspace_lock(ws: Workspace) -> Iterator[None]:
+    """One run at a time per workspace (DVC and git need it too); a second run stops with a clear message."""
+    ws.root.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(ws.root / ".autolabel.lock", timeout=0):
+            yield
+    except Timeout:
+        raise WorkspaceBusyError(f"another run is using the workspace {ws.root}; wait for it or use another") from None
+
+
 @flow(name="retrain", log_prints=True)
 def retrain(
     images: str,
@@ -81,14 +97,11 @@ def retrain(
     overrides: list[str] | None = None,
 ) -> str:
     """Train on a folder of images and publish a label set; returns the label set's path."""
+    log.setLevel(logging.INFO)
     params = load_params(Path(params_file) if params_file else None, overrides)
     ws = Workspace.at(workspace)
-    ws.root.mkdir(parents=True, exist_ok=True)
-    try:
-        with FileLock(ws.root / ".autolabel.lock", timeout=0):
-            return _retrain(ws, Path(images), Path(labels) if labels else None, params)
-    except Timeout:
-        raise WorkspaceBusyError(f"another run is using the workspace {ws.root}; wait for it or use another") from None
+    with workspace_lock(ws):
+        return _retrain(ws, Path(images), Path(labels) if labels else None, params)
 
 
 def _retrain(ws: Workspace, images: Path, labels: Path | None, params: Params) -> str:
@@ -105,8 +118,6 @@ def _retrain(ws: Workspace, images: Path, labels: Path | None, params: Params) -
     try:
         metrics = validate_task(ws, params)
         tracking.log_metrics(ws, run_id, "validate", metrics)
-        import pandas as pd
-
         index = pd.read_csv(ws.stage_dir("validate") / "stats.csv", usecols=["image", "file_sha256"])
         tracking.log_dataset(ws, run_id, index, name="images", source=data["remote"], digest=data["md5"])
         for stage_task, name in (
@@ -116,22 +127,10 @@ def _retrain(ws: Workspace, images: Path, labels: Path | None, params: Params) -
             (evaluate_task, "evaluate"),
         ):
             tracking.log_metrics(ws, run_id, name, stage_task(ws, params))
+        retire_cluster_names(ws)
+        tracking.log_metrics(ws, run_id, "annotate", annotate_task(ws, params))
         models = track_task(ws, params, run_id)
-        context = {
-            "data": data,
-            "code": code,
-            "models": models,
-            "mlflow_run_id": run_id,
-            "mlflow_experiment": params.track.experiment,
-            "mlflow_tracking_uri": tracking.tracking_uri(ws),
-            "prefect_flow_run_id": str(flow_run.get_id() or ""),
-            "prefect_deployment_id": str(deployment.get_id() or "") or None,
-        }
-        path = publish_task(ws, params, context)
-        tracking.log_artifacts(ws, run_id, path, f"labelset/{path.name}")
-        tracking.set_tags(ws, run_id, {"autolabel.labelset_id": path.name, "autolabel.labelset_path": str(path)})
-        record_lock_task(ws, params.version.push)
-        _publish_artifacts(ws, path)
+        path = publish_and_record(ws, params, run_id, data, code, models)
     except BaseException:
         tracking.end_run(ws, run_id, "FAILED")
         raise
@@ -139,28 +138,84 @@ def _retrain(ws: Workspace, images: Path, labels: Path | None, params: Params) -
     return str(path)
 
 
-def _publish_artifacts(ws: Workspace, path: Path) -> None:
-    """Prefect artifacts: cluster sizes and a pointer to the label set."""
-    import json
+def retire_cluster_names(ws: Workspace) -> None:
+    """Cluster ids of a new clustering mean something else: move old cluster names aside (seeds stay valid)."""
+    names = ws.human / "cluster_names.yaml"
+    if names.is_file():
+        old = ws.human / "superseded"
+        old.mkdir(exist_ok=True)
+        target = old / f"cluster_names-{flow_run.get_id() or 'previous'}.yaml"
+        names.rename(target)
+        log.warning("cluster names were made for the previous clustering; moved to %s", target)
 
+
+def publish_and_record(
+    ws: Workspace, params: Params, run_id: str, data: dict[str, Any], code: dict[str, Any], models: dict[str, Any]
+) -> Path:
+    """Publish the label set, link it from MLflow and Prefect, and record the outputs in dvc.lock and git."""
+    context = {
+        "data": data,
+        "code": code,
+        "models": models,
+        "mlflow_run_id": run_id,
+        "mlflow_experiment": params.track.experiment,
+        "mlflow_tracking_uri": tracking.tracking_uri(ws),
+        "prefect_flow_run_id": str(flow_run.get_id() or ""),
+        "prefect_deployment_id": str(deployment.get_id() or "") or None,
+    }
+    ws.write_json("track", {"run_id": run_id, "data": data, "models": models}, name="context.json")
+    path = publish_task(ws, params, context)
+    tracking.log_artifacts(ws, run_id, path, f"labelset/{path.name}")
     manifest = json.loads((path / "manifest.json").read_text())
-    sizes = manifest["metrics"]["cluster_sizes"]
+    tracking.set_tags(ws, run_id, manifest_tags(manifest))
+    record_lock_task(ws, params.version.push)
+    _publish_artifacts(ws, path)
+    return path
+
+
+def manifest_tags(manifest: dict[str, Any]) -> dict[str, str]:
+    """The manifest's lineage facts as MLflow tags, so the chain can be walked from the MLflow UI too."""
+    tags = {
+        "autolabel.labelset_id": manifest["labelset_id"],
+        "autolabel.quality_suite_sha256": manifest["quality"]["suite_sha256"],
+        "autolabel.quality_passed": str(manifest["quality"]["n_passed"]),
+        "autolabel.quality_quarantined": str(manifest["quality"]["n_quarantined"]),
+        "autolabel.human_inputs_hash": manifest["human_inputs"]["hash"],
+        "autolabel.cluster_names_sha256": str(manifest["human_inputs"]["cluster_names_sha256"]),
+        "autolabel.seed_labels_sha256": str(manifest["human_inputs"]["seed_labels_sha256"]),
+        "autolabel.labels_sha256": manifest["labels_sha256"],
+    }
+    for role, model in manifest.get("models", {}).items():
+        tags[f"autolabel.model.{role}"] = f"{model['name']}/{model['version']} {','.join(model.get('aliases', []))}"
+    return tags
+
+
+def _publish_artifacts(ws: Workspace, path: Path) -> None:
+    """Prefect artifacts: cluster sizes, and the label set with the same lineage facts as the MLflow tags."""
+    manifest = json.loads((path / "manifest.json").read_text())
+    m = manifest["metrics"]
     create_table_artifact(
         key="cluster-sizes",
-        table=[{"cluster": int(c), "images": n} for c, n in sizes.items()],
+        table=[{"cluster": int(c), "images": n} for c, n in m["cluster_sizes"].items()],
         description=f"Cluster sizes of label set {path.name}",
     )
-    m = manifest["metrics"]
-    quality = manifest["quality"]
-    lines = [
-        f"# Label set `{path.name}`",
-        f"- path: `{path}`",
-        f"- images labelled: {m['n_images']}, quarantined: {quality['n_quarantined']}, clusters: {m['n_clusters']}",
-        f"- data (DVC md5): `{manifest['data']['md5']}`; code: `{manifest['code']['git_commit']}`",
-        f"- MLflow run: `{manifest['mlflow']['run_id']}`",
-    ]
+    facts = {
+        "label set path": str(path),
+        "Prefect flow run": manifest["prefect"]["flow_run_id"],
+        "Prefect deployment": manifest["prefect"]["deployment_id"],
+        "MLflow run": manifest["mlflow"]["run_id"],
+        "MLflow experiment": manifest["mlflow"]["experiment"],
+        "code (git commit, dirty)": f"{manifest['code']['git_commit']} {manifest['code']['git_dirty']}",
+        "data (DVC md5)": manifest["data"]["md5"],
+        "data remote": manifest["data"]["remote"],
+        "data files": manifest["data"]["nfiles"],
+        "params hash": manifest["params_hash"],
+        **{k.removeprefix("autolabel."): v for k, v in manifest_tags(manifest).items()},
+    }
+    lines = [f"# Label set `{path.name}`", "", "| fact | value |", "|---|---|"]
+    lines += [f"| {k} | `{v}` |" for k, v in facts.items()]
     if m.get("acc") is not None:
         lines.append(
-            f"- ACC {m['acc']:.3f}, NMI {m['nmi']:.3f}, ARI {m['ari']:.3f}, macro recall {m['macro_recall']:.3f}"
+            f"\nACC {m['acc']:.3f}, NMI {m['nmi']:.3f}, ARI {m['ari']:.3f}, macro recall {m['macro_recall']:.3f}"
         )
     create_markdown_artifact(key="labelset", markdown="\n".join(lines), description="Published label set")

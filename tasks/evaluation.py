@@ -68,3 +68,22 @@ def evaluate(y_true: Sequence[str], clusters: np.ndarray) -> dict[str, object]:
         "n_classes": len(classes),
         "cluster_to_class": {str(k): v for k, v in mapping.items()},
     }
+
+
+def label_metrics(y_true: Sequence[str], labels: Sequence[str], needs_review: np.ndarray) -> dict[str, object]:
+    """How good the final labels are: overall, among the auto-accepted ones, and per class.
+
+    ``coverage`` is the share of images accepted without review; ``macro_recall`` averages per-class recall of
+    the final labels, so a rare class counts as much as a common one.
+    """
+    y, lab = np.asarray(y_true), np.asarray(labels)
+    accepted = ~np.asarray(needs_review, dtype=bool)
+    correct = y == lab
+    per_class = {str(c): float(correct[y == c].mean()) for c in sorted(set(y.tolist()))}
+    return {
+        "overall_accuracy": float(correct.mean()) if len(y) else float("nan"),
+        "auto_accepted_accuracy": float(correct[accepted].mean()) if accepted.any() else float("nan"),
+        "coverage": float(accepted.mean()) if len(y) else float("nan"),
+        "macro_recall": float(np.mean(list(per_class.values()))) if per_class else float("nan"),
+        "per_class_recall": per_class,
+    }

@@ -19,11 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 from PIL import Image, ImageDraw
 
 LABEL_COLUMNS = ["image", "sha256", "cluster", "label", "confidence", "needs_review", "label_source"]
-UNNAMED = "unnamed cluster"
 
 
 def sha256_file(path: Path) -> str:
@@ -32,32 +30,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def label_rows(
-    images: list[str],
-    sha256: list[str],
-    clusters: np.ndarray,
-    confidence: np.ndarray,
-    review_below: float,
-    names: dict[int, str] | None = None,
-) -> pd.DataFrame:
-    """The rows of ``labels.csv``; without human names a cluster's label is ``cluster-<id>``."""
-    names = names or {}
-    labels = [names.get(int(c), f"cluster-{int(c)}") for c in clusters]
-    source = ["human-named cluster" if int(c) in names else UNNAMED for c in clusters]
-    return pd.DataFrame(
-        {
-            "image": images,
-            "sha256": sha256,
-            "cluster": clusters.astype(int),
-            "label": labels,
-            "confidence": np.round(confidence.astype(float), 4),
-            "needs_review": confidence < review_below,
-            "label_source": source,
-        },
-        columns=LABEL_COLUMNS,
-    )
 
 
 def montage(images: np.ndarray, title: str, columns: int = 6, scale: int = 2) -> Image.Image:

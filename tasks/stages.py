@@ -85,24 +85,25 @@ def run_standardize(ws: Workspace, params: Params) -> dict[str, Any]:
 
 
 def run_embed(ws: Workspace, params: Params) -> dict[str, Any]:
-    """Self-supervised training on the standardised images, then a vector for every image."""
-    from tasks.embedding import embed_all, save_embedder, train_simclr
+    """Standardised images → ``vectors.npy`` ``(N, d)`` float32 (index.csv order) with the fitted ``model.pt``."""
+    from tasks.embedding import fit_embedder, save_model
 
     _set_threads(params)
     images = np.load(ws.stage_dir("standardize") / "images.npy", mmap_mode="r")
     out = ws.stage_dir("embed")
-    model, report = train_simclr(images, params.embed, params.base.seed, log=log.info)
-    save_embedder(model, params.embed, out / "model.pt")
-    import time
-
-    start = time.perf_counter()
-    vectors = embed_all(model, images, out / "vectors.npy")
+    out.mkdir(parents=True, exist_ok=True)
+    model, vectors, report = fit_embedder(images, params.embed, params.base.seed, log=log.info)
+    save_model(model, out / "model.pt")
+    np.save(out / "vectors.npy", vectors.astype(np.float32))
     metrics = {
-        "train_seconds": report.seconds,
-        "train_images": report.images,
+        "method": params.embed.method,
+        "blocks": {b.kind: b.weight for b in model.blocks},
+        "train_seconds": report.train_seconds,
+        "train_images": report.train_images,
         "epochs": report.epochs,
         "final_loss": report.final_loss,
-        "embed_seconds": round(time.perf_counter() - start, 2),
+        "embed_seconds": report.embed_seconds,
+        "block_seconds": report.block_seconds,
         "dim": int(vectors.shape[1]),
         "device": report.device,
         "backbone": params.embed.backbone,
@@ -113,13 +114,18 @@ def run_embed(ws: Workspace, params: Params) -> dict[str, Any]:
 
 def run_cluster(ws: Workspace, params: Params) -> dict[str, Any]:
     """Vectors → clusters with a confidence per image (``assignments.csv``) and the fitted ``model.pkl``."""
+    import time
+
     import joblib
 
     from tasks.clustering import cluster, internal_metrics
 
+    _set_threads(params)
     vectors = np.load(ws.stage_dir("embed") / "vectors.npy")
     index = pd.read_csv(ws.stage_dir("standardize") / "index.csv")
+    start = time.perf_counter()
     result = cluster(vectors, params.cluster, params.base.seed)
+    seconds = round(time.perf_counter() - start, 2)
     out = ws.stage_dir("cluster")
     out.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(
@@ -131,7 +137,17 @@ def run_cluster(ws: Workspace, params: Params) -> dict[str, Any]:
         }
     ).to_csv(out / "assignments.csv", index=False)
     joblib.dump(result.model, out / "model.pkl")
-    metrics = {"n_clusters": int(result.model.n_clusters), **internal_metrics(vectors, result.labels, params.base.seed)}
+    metrics = {
+        "method": params.cluster.method,
+        "n_clusters": int(result.model.n_clusters),
+        "cluster_seconds": seconds,
+        **internal_metrics(vectors, result.labels, params.base.seed),
+    }
+    if "best_head" in result.model.info:
+        metrics["scan_best_head"] = result.model.info["best_head"]
+        metrics["scan_head_losses"] = result.model.info["head_losses"]
+    if "k_scores" in result.model.info:
+        metrics["k_silhouette"] = {str(k): v for k, v in result.model.info["k_scores"].items()}
     metrics["n_needs_review"] = int((result.confidence < params.cluster.review_below).sum())
     ws.write_json("cluster", metrics)
     return metrics
@@ -169,56 +185,89 @@ def run_evaluate(ws: Workspace, params: Params) -> dict[str, Any]:
 
 def run_track(ws: Workspace, params: Params, run_id: str) -> dict[str, dict[str, Any]]:
     """Log and register the embedder and clusterer of this run in MLflow."""
-    import joblib
-
-    from tasks.embedding import load_embedder
     from tasks.tracking import log_models
 
-    embedder = load_embedder(ws.stage_dir("embed") / "model.pt")
-    clusterer = joblib.load(ws.stage_dir("cluster") / "model.pkl")
-    images = np.load(ws.stage_dir("standardize") / "images.npy", mmap_mode="r")
-    example = np.ascontiguousarray(images[: min(4, len(images))])
-    models = log_models(ws, run_id, params.track.model_prefix, embedder, clusterer, example)
+    embedder = ws.stage_dir("embed") / "model.pt"
+    clusterer = ws.stage_dir("cluster") / "model.pkl"
+    models = log_models(ws, run_id, params.track.model_prefix, embedder, clusterer)
     return {role: m.as_dict() for role, m in models.items()}
 
 
+def _ground_truth(ws: Workspace, images: list[str]) -> dict[str, str]:
+    """Ground-truth labels of ``images`` from ``data/labels.csv`` when the run was given one, else empty."""
+    return read_labels(ws.labels, known=set(images)) if ws.labels.is_file() else {}
+
+
 def run_publish(ws: Workspace, params: Params, context: dict[str, Any]) -> Path:
-    """Write the label set (labels.csv, montages, manifest.json with the lineage) atomically.
+    """Write the label set atomically: labels, review queue, exports, montages, figures, report, manifest.
 
     ``context`` carries what only the driver knows: ``mlflow_run_id``, ``mlflow_experiment``,
-    ``prefect_flow_run_id``, ``prefect_deployment_id``, ``models``, ``code`` and ``data``.
+    ``mlflow_tracking_uri``, ``prefect_flow_run_id``, ``prefect_deployment_id``, ``models``, ``code``, ``data``.
     """
-    from tasks.publishing import label_rows, labelset_id, montage, publish
+    import hashlib
+    import shutil
+
+    from tasks import report
+    from tasks.exports import write_exports
+    from tasks.publishing import labelset_id, montage, publish
     from tasks.quality import suite_digest
 
+    annotate_dir = ws.stage_dir("annotate")
+    rows = pd.read_csv(annotate_dir / "labels.csv", keep_default_na=False)
+    review = pd.read_csv(annotate_dir / "review.csv", keep_default_na=False)
+    annotate_metrics = ws.read_json("annotate")
+    human = annotate_metrics["human_inputs"]
     assignments = pd.read_csv(ws.stage_dir("cluster") / "assignments.csv")
-    index = pd.read_csv(ws.stage_dir("standardize") / "index.csv")
-    rows = label_rows(
-        list(assignments["image"]),
-        list(index["sha256"]),
-        assignments["cluster"].to_numpy(),
-        assignments["confidence"].to_numpy(),
-        params.cluster.review_below,
-    )
-    labels_csv = rows.to_csv(index=False).encode()
-    import hashlib
-
+    labels_csv = (annotate_dir / "labels.csv").read_bytes()
     labels_sha = hashlib.sha256(labels_csv).hexdigest()
-    human_hash = hashlib.sha256(b"").hexdigest()
     data = context["data"]
-    set_id = labelset_id(data["md5"], params.digest(), labels_sha, human_hash)
+    set_id = labelset_id(data["md5"], params.digest(), labels_sha, human["hash"])
     images = np.load(ws.stage_dir("standardize") / "images.npy", mmap_mode="r")
+    stats = pd.read_csv(ws.stage_dir("validate") / "stats.csv", usecols=["image", "width", "height"])
+    sizes = {r.image: (int(r.width), int(r.height)) for r in stats.itertuples() if r.width == r.width}
+    truth = _ground_truth(ws, list(rows["image"]))
+    models = context.get("models", {})
 
     def write_files(folder: Path) -> None:
         (folder / "labels.csv").write_bytes(labels_csv)
+        review.to_csv(folder / "review_queue.csv", index=False)
+        if ws.human.is_dir():
+            shutil.copytree(ws.human, folder / "human", ignore=shutil.ignore_patterns("README*", "superseded"))
         (folder / "montages").mkdir()
         for c, group in assignments.groupby("cluster"):
             nearest = group.sort_values("distance").index[: params.publish.montage_size]
-            title = f"cluster {c}: {len(group)} images ({len(nearest)} closest to the centre)"
+            name = rows["label"][group.index].mode().iat[0]
+            title = f"cluster {c} ({name}): {len(group)} images, {len(nearest)} most typical"
             montage(images[np.sort(nearest.to_numpy())], title).save(folder / "montages" / f"cluster-{c}.png")
+        figures = folder / "figures"
+        figures.mkdir()
+        clusters = rows["cluster"].to_numpy()
+        report.plot_sizes(clusters, list(rows["label"]), figures / "cluster_sizes.png")
+        vectors = np.load(ws.stage_dir("embed") / "vectors.npy", mmap_mode="r")
+        idx, xy = report.embedding_map(vectors, params.publish.map_points, params.publish.map_method, params.base.seed)
+        report.plot_map(
+            xy, [f"cluster {c}" for c in clusters[idx]], "embedding map by cluster", figures / "map_by_cluster.png"
+        )
+        report.plot_map(xy, list(rows["label"].to_numpy()[idx]), "embedding map by label", figures / "map_by_label.png")
+        if truth:
+            known = rows[rows["image"].isin(truth.keys())]
+            report.plot_confusion([truth[i] for i in known["image"]], list(known["label"]), figures / "confusion.png")
+        write_exports(folder, rows, sizes, model_version=str(models.get("embedder", {}).get("uri", "")))
+        facts = {
+            "label set": set_id,
+            "images labelled": len(rows),
+            "needs review": int(rows["needs_review"].sum()),
+            "data version (DVC md5)": data["md5"],
+            "MLflow run": context.get("mlflow_run_id"),
+            "Prefect flow run": context.get("prefect_flow_run_id"),
+            "code": context["code"].get("git_commit"),
+        }
+        report.write_report(
+            folder, f"Label set {set_id}", facts, {**ws.read_json("evaluate"), **annotate_metrics}, review
+        )
 
     validate_metrics = ws.read_json("validate")
-    quarantine = pd.read_csv(ws.stage_dir("validate") / "quarantine.csv")
+    quarantine = pd.read_csv(ws.stage_dir("validate") / "quarantine.csv", keep_default_na=False)
     manifest = {
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "prefect": {
@@ -235,6 +284,7 @@ def run_publish(ws: Workspace, params: Params, context: dict[str, Any]) -> Path:
         "quality": {
             "suite": params.validate.suite,
             "suite_sha256": suite_digest(params.validate.suite),
+            "success": validate_metrics.get("success"),
             "n_images": validate_metrics["n_images"],
             "n_passed": validate_metrics["n_passed"],
             "n_quarantined": validate_metrics["n_quarantined"],
@@ -242,9 +292,9 @@ def run_publish(ws: Workspace, params: Params, context: dict[str, Any]) -> Path:
         },
         "params": params.as_dict(),
         "params_hash": params.digest(),
-        "models": context.get("models", {}),
-        "human_inputs": {"cluster_names_sha256": None, "seed_labels_sha256": None, "hash": human_hash},
-        "metrics": ws.read_json("evaluate"),
+        "models": models,
+        "human_inputs": human,
+        "metrics": {**ws.read_json("evaluate"), "annotate": annotate_metrics},
         "labels_sha256": labels_sha,
     }
     path, created = publish(ws.labelsets, set_id, write_files, manifest)

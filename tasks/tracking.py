@@ -106,8 +106,12 @@ def set_tags(ws: Workspace, run_id: str, tags: dict[str, Any]) -> None:
 
 def log_dataset(ws: Workspace, run_id: str, index: Any, name: str, source: str, digest: str) -> None:
     """Record the data version as the run's input dataset (digest = DVC md5)."""
+    import warnings
+
     mlflow = _mlflow(ws)
-    dataset = mlflow.data.from_pandas(index, source=source, name=name, digest=digest)
+    with warnings.catch_warnings():  # a local path matches two equivalent local source types
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(index, source=source, name=name, digest=digest)
     with mlflow.start_run(run_id=run_id):
         mlflow.log_input(dataset, context="training")
 
@@ -134,31 +138,38 @@ def _pins(*packages: str) -> list[str]:
 
 
 def log_models(
-    ws: Workspace, run_id: str, prefix: str, embedder: Any, clusterer: Any, example: Any
+    ws: Workspace, run_id: str, prefix: str, embedder_path: Path, clusterer_path: Path
 ) -> dict[str, RegisteredModel]:
-    """Log and register the embedder (torch) and clusterer (scikit-learn); set ``@champion`` when none exists.
+    """Log and register the embedder and clusterer as MLflow ``pyfunc`` models; set ``@champion`` when none exists.
 
-    The embedder is saved in PyTorch's ``pt2`` export format (no pickle), traced on ``example`` (a few
-    standardised images, batch > 1 so the batch dimension stays dynamic). ``pip_requirements`` is given
-    explicitly: inferring it costs ~17 s a model.
+    Both wrap the stage outputs (``embed/model.pt``: tensors only, no pickle of code; ``cluster/model.pkl``: numpy
+    arrays) with :mod:`tasks.serving`, and carry the ``tasks`` package as code, so that a refresh flow can embed
+    and assign a new batch with the champions. ``pip_requirements`` is explicit: inferring it costs ~17 s a model.
     """
+    from tasks.serving import ClustererModel, EmbedderModel
+
     mlflow = _mlflow(ws)
     client = _client(ws)
+    code = [str(Path(__file__).resolve().parent)]
     out: dict[str, RegisteredModel] = {}
     with mlflow.start_run(run_id=run_id):
-        info_e = mlflow.pytorch.log_model(
-            embedder,
+        info_e = mlflow.pyfunc.log_model(
             name="embedder",
-            input_example=example,
-            serialization_format="pt2",
+            python_model=EmbedderModel(),
+            artifacts={"model": str(embedder_path)},
+            code_paths=code,
             registered_model_name=f"{prefix}-embedder",
-            pip_requirements=_pins("torch", "torchvision", "numpy"),
+            pip_requirements=_pins(
+                "torch", "torchvision", "numpy", "scipy", "scikit-image", "scikit-learn", "pydantic"
+            ),
         )
-        info_c = mlflow.sklearn.log_model(
-            clusterer,
+        info_c = mlflow.pyfunc.log_model(
             name="clusterer",
+            python_model=ClustererModel(),
+            artifacts={"model": str(clusterer_path)},
+            code_paths=code,
             registered_model_name=f"{prefix}-clusterer",
-            pip_requirements=_pins("scikit-learn", "numpy", "skops"),
+            pip_requirements=_pins("numpy", "scikit-learn", "joblib", "pandas", "pydantic"),
         )
     for role, info in (("embedder", info_e), ("clusterer", info_c)):
         name = f"{prefix}-{role}"

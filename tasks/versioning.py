@@ -39,6 +39,16 @@ _WS_GITIGNORE = """\
 """
 
 
+_HUMAN_README = """\
+# Human inputs (versioned with this workspace's git history)
+
+- `cluster_names.yaml`: cluster id → label, one per line (`3: crack`); several clusters may share a label.
+- `seed_labels.csv`: `image,label` for a few images (paths as in the image folder).
+
+`autolabel label-next` says which images to label first; `autolabel annotate` re-labels and publishes.
+"""
+
+
 class VersioningError(RuntimeError):
     """A git or DVC command failed; the message carries the command and its output."""
 
@@ -120,6 +130,10 @@ def init_workspace(ws: Workspace, remote: str | None) -> str:
         ws.dvc_remote.mkdir(exist_ok=True)
     dvc(["remote", "add", "--force", "--default", "storage", url], ws.root)
     shutil.copyfile(PROJECT_ROOT / "dvc.yaml", ws.root / "dvc.yaml")
+    ws.human.mkdir(exist_ok=True)
+    readme = ws.human / "README.md"
+    if not readme.exists():
+        readme.write_text(_HUMAN_README)
     return url
 
 
@@ -184,7 +198,7 @@ def version_data(ws: Workspace, images: Path, labels: Path | None, remote: str |
     out = _dvc_out(ws.root / "data" / "images.dvc")
     labels_md5 = _dvc_out(ws.root / "data" / "labels.csv.dvc")["md5"] if labels is not None else None
 
-    tracked = [p for p in (".gitignore", ".dvc", "dvc.yaml", "params.yaml", "data") if (ws.root / p).exists()]
+    tracked = [p for p in (".gitignore", ".dvc", "dvc.yaml", "params.yaml", "data", "human") if (ws.root / p).exists()]
     git(["add", "-A", "--", *tracked], ws.root)
     if git(["status", "--porcelain", "--", *tracked], ws.root).strip():
         git(["commit", "-q", "-m", f"data {out['md5']} ({out.get('nfiles')} files)"], ws.root)

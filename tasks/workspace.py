@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-STAGES = ("validate", "standardize", "embed", "cluster", "evaluate", "publish")
+STAGES = ("validate", "standardize", "embed", "cluster", "evaluate", "annotate", "publish")
 
 
 @dataclass(frozen=True)
@@ -32,6 +32,11 @@ class Workspace:
     @property
     def labels(self) -> Path:
         return self.root / "data" / "labels.csv"
+
+    @property
+    def human(self) -> Path:
+        """Versioned human inputs: ``cluster_names.yaml`` and ``seed_labels.csv``."""
+        return self.root / "human"
 
     @property
     def params(self) -> Path:

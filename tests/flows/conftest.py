@@ -7,7 +7,16 @@ from pathlib import Path
 import pytest
 
 # fast settings for flow tests: a real but tiny training run
-FAST = ["embed.epochs=1", "embed.batch_size=32", "standardize.size=32", "cluster.k=7", "cluster.n_init=2"]
+FAST = [
+    "embed.epochs=1",
+    "embed.batch_size=32",
+    "embed.max_train_images=64",
+    "standardize.size=32",
+    "cluster.k=7",
+    "cluster.n_init=2",
+    "cluster.heads=2",
+    "cluster.epochs=10",
+]
 
 
 @pytest.fixture(scope="session")

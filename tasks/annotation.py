@@ -1,0 +1,307 @@
+"""From anonymous clusters to labels: human inputs, what to label next, propagation, calibrated confidence.
+
+Humans give two kinds of input, kept as versioned files in the workspace (``human/``):
+
+- ``cluster_names.yaml``: cluster id → label (several clusters may share a label: over-clustering is normal,
+  one defect type often forms several clusters);
+- ``seed_labels.csv``: ``image,label`` for a few images.
+
+Seed labels are propagated over the k-nearest-neighbour graph of the embeddings (scikit-learn's
+``LabelSpreading``), which follows the data's own manifold instead of assuming round, balanced clusters. The raw
+propagation score is calibrated on the seeds themselves (cross-validated: hide a fold of seeds, propagate from the
+rest, and fit an isotonic map from score to "was right"), so ``confidence`` means the estimated probability that
+the label is correct. Images below ``accept_confidence`` abstain (``needs_review``).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+HUMAN_SEED = "human seed"
+SEED_PROPAGATION = "seed propagation"
+NAMED_CLUSTER = "human-named cluster"
+UNNAMED = "unnamed cluster"
+
+
+class HumanInputError(ValueError):
+    """A cluster-name or seed-label file is invalid; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class HumanInputs:
+    cluster_names: dict[int, str]
+    seeds: dict[str, str]
+    cluster_names_sha256: str | None
+    seeds_sha256: str | None
+
+    @property
+    def digest(self) -> str:
+        """One hash over both files (empty inputs hash the empty string)."""
+        return hashlib.sha256(f"{self.cluster_names_sha256 or ''}:{self.seeds_sha256 or ''}".encode()).hexdigest()
+
+    def as_lineage(self) -> dict[str, str | None]:
+        return {
+            "cluster_names_sha256": self.cluster_names_sha256,
+            "seed_labels_sha256": self.seeds_sha256,
+            "hash": self.digest,
+        }
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_cluster_names(path: Path, n_clusters: int) -> dict[int, str]:
+    """Parse and check a cluster-name YAML file (``3: crack``); errors name the line."""
+    text = path.read_text()
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise HumanInputError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise HumanInputError(f"{path}: expected a mapping of cluster id → label, e.g. '3: crack'")
+    lines = {str(k): i for i, line in enumerate(text.splitlines(), start=1) for k in [line.split(":", 1)[0].strip()]}
+    names: dict[int, str] = {}
+    for key, label in data.items():
+        line = lines.get(str(key), "?")
+        try:
+            cluster = int(key)
+        except (TypeError, ValueError):
+            raise HumanInputError(f"{path}:{line}: cluster id must be an integer, got {key!r}") from None
+        if not 0 <= cluster < n_clusters:
+            raise HumanInputError(f"{path}:{line}: unknown cluster {cluster} (this run has 0..{n_clusters - 1})")
+        if not isinstance(label, str) or not label.strip():
+            raise HumanInputError(f"{path}:{line}: label for cluster {cluster} must be a non-empty string")
+        names[cluster] = label.strip()
+    return names
+
+
+def load_seeds(path: Path, images: set[str]) -> dict[str, str]:
+    """Parse and check a seed-label CSV (``image,label``); errors name the line."""
+    seeds: dict[str, str] = {}
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or not {"image", "label"} <= set(reader.fieldnames):
+            raise HumanInputError(f"{path}:1: header must have the columns image,label (found {reader.fieldnames})")
+        for line, row in enumerate(reader, start=2):
+            image, label = (row.get("image") or "").strip(), (row.get("label") or "").strip()
+            if not image or not label:
+                raise HumanInputError(f"{path}:{line}: empty image or label")
+            if Path(image).is_absolute() or ".." in Path(image).parts:
+                raise HumanInputError(f"{path}:{line}: image path must be relative to the image folder: {image}")
+            if image not in images:
+                raise HumanInputError(f"{path}:{line}: image not in this data version (or quarantined): {image}")
+            if image in seeds and seeds[image] != label:
+                raise HumanInputError(f"{path}:{line}: {image} is labelled twice, {seeds[image]!r} and {label!r}")
+            seeds[image] = label
+    return seeds
+
+
+def load_human_inputs(folder: Path, images: set[str], n_clusters: int) -> HumanInputs:
+    """Read ``folder/cluster_names.yaml`` and ``folder/seed_labels.csv`` when present."""
+    names_path, seeds_path = folder / "cluster_names.yaml", folder / "seed_labels.csv"
+    names = load_cluster_names(names_path, n_clusters) if names_path.is_file() else {}
+    seeds = load_seeds(seeds_path, images) if seeds_path.is_file() else {}
+    return HumanInputs(
+        cluster_names=names,
+        seeds=seeds,
+        cluster_names_sha256=_sha(names_path) if names_path.is_file() else None,
+        seeds_sha256=_sha(seeds_path) if seeds_path.is_file() else None,
+    )
+
+
+def knn_graph(vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and cosine similarities of each vector's ``k`` nearest neighbours (itself excluded)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    k = min(k, len(vectors) - 1)
+    nn = NearestNeighbors(n_neighbors=k + 1, metric="cosine").fit(vectors)
+    dist, idx = nn.kneighbors(vectors)
+    return idx[:, 1:], 1.0 - dist[:, 1:]
+
+
+def spread(
+    neighbours: np.ndarray,
+    seed_index: np.ndarray,
+    seed_class: np.ndarray,
+    n_classes: int,
+    alpha: float = 0.99,
+    iterations: int = 50,
+) -> np.ndarray:
+    """Label spreading on a kNN graph (Zhou et al. 2004): class scores ``(N, C)`` for every node.
+
+    Written on the sparse neighbour lists rather than with ``sklearn.semi_supervised.LabelSpreading`` so that the
+    graph is built once and reused across calibration folds and rounds of ``label-next``.
+    """
+    from scipy import sparse
+
+    n, k = neighbours.shape
+    rows = np.repeat(np.arange(n), k)
+    w = sparse.csr_matrix((np.ones(n * k), (rows, neighbours.ravel())), shape=(n, n))
+    w = w.maximum(w.T)  # symmetric
+    d = np.asarray(w.sum(axis=1)).ravel()
+    d_inv = sparse.diags(1.0 / np.sqrt(np.maximum(d, 1e-12)))
+    s = d_inv @ w @ d_inv
+    y0 = np.zeros((n, n_classes))
+    y0[seed_index, seed_class] = 1.0
+    f = y0.copy()
+    for _ in range(iterations):
+        f = alpha * (s @ f) + (1 - alpha) * y0
+    return f
+
+
+def _scores(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Predicted class and a raw confidence score in [0, 1] (share of the top class, 0 where nothing reached)."""
+    total = f.sum(axis=1)
+    pred = f.argmax(axis=1)
+    raw = np.where(total > 0, f.max(axis=1) / np.maximum(total, 1e-12), 0.0)
+    return pred, raw
+
+
+def calibrate(
+    neighbours: np.ndarray, seed_index: np.ndarray, seed_class: np.ndarray, n_classes: int, folds: int, seed: int
+):
+    """Fit score → P(correct) on held-out seeds (isotonic). Returns a callable; identity when too few seeds."""
+    from sklearn.isotonic import IsotonicRegression
+
+    if len(seed_index) < 2 * folds or n_classes < 2:
+        return lambda raw: raw
+    rng = np.random.default_rng(seed)
+    fold_of = rng.permutation(len(seed_index)) % folds
+    raws, hits = [], []
+    for f_id in range(folds):
+        held = fold_of == f_id
+        f = spread(neighbours, seed_index[~held], seed_class[~held], n_classes)
+        pred, raw = _scores(f[seed_index[held]])
+        raws.append(raw)
+        hits.append(pred == seed_class[held])
+    iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip", increasing=True)
+    iso.fit(np.concatenate(raws), np.concatenate(hits).astype(float))
+    return iso.predict
+
+
+@dataclass(frozen=True)
+class Annotation:
+    labels: list[str]
+    confidence: np.ndarray
+    needs_review: np.ndarray
+    source: list[str]
+
+
+def annotate(
+    images: list[str],
+    vectors: np.ndarray,
+    clusters: np.ndarray,
+    cluster_confidence: np.ndarray,
+    human: HumanInputs,
+    accept_confidence: float,
+    review_below: float,
+    k: int = 10,
+    folds: int = 5,
+    seed: int = 0,
+    graph: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Annotation:
+    """A label, a confidence and a source for every image.
+
+    Order of authority: a human seed; else a confident seed propagation; else the human name of its cluster;
+    else an uncertain propagation (needs review); else the anonymous cluster.
+    """
+    n = len(images)
+    labels = [f"cluster-{int(c)}" for c in clusters]
+    source = [UNNAMED] * n
+    confidence = np.asarray(cluster_confidence, dtype=float).copy()
+    needs_review = confidence < review_below
+    for i, c in enumerate(clusters):
+        if int(c) in human.cluster_names:
+            labels[i], source[i] = human.cluster_names[int(c)], NAMED_CLUSTER
+    if human.seeds:
+        classes = sorted(set(human.seeds.values()))
+        index = {img: i for i, img in enumerate(images)}
+        seed_index = np.array([index[img] for img in human.seeds])
+        seed_class = np.array([classes.index(lab) for lab in human.seeds.values()])
+        neighbours = (graph or knn_graph(vectors, k))[0]
+        f = spread(neighbours, seed_index, seed_class, len(classes))
+        pred, raw = _scores(f)
+        prob = np.clip(calibrate(neighbours, seed_index, seed_class, len(classes), folds, seed)(raw), 0, 1)
+        for i in range(n):
+            if source[i] == NAMED_CLUSTER and prob[i] < accept_confidence:
+                continue  # a human-named cluster beats an unsure propagation
+            labels[i], source[i], confidence[i] = classes[pred[i]], SEED_PROPAGATION, prob[i]
+        needs_review = confidence < accept_confidence
+        for img, lab in human.seeds.items():
+            i = index[img]
+            labels[i], source[i], confidence[i], needs_review[i] = lab, HUMAN_SEED, 1.0, False
+    return Annotation(labels=labels, confidence=confidence, needs_review=needs_review, source=source)
+
+
+def review_order(annotation: Annotation, clusters: np.ndarray) -> np.ndarray:
+    """Indices of the images that need review, most informative first.
+
+    Lowest confidence first, but interleaved across clusters so that a small cluster's doubts are not buried
+    under a big cluster's.
+    """
+    todo = np.flatnonzero(annotation.needs_review)
+    if len(todo) == 0:
+        return todo
+    order = todo[np.argsort(annotation.confidence[todo], kind="stable")]
+    rank_in_cluster = np.zeros(len(order), dtype=int)
+    seen: dict[int, int] = {}
+    for j, i in enumerate(order):
+        c = int(clusters[i])
+        rank_in_cluster[j] = seen.get(c, 0)
+        seen[c] = rank_in_cluster[j] + 1
+    return order[np.lexsort((annotation.confidence[order], rank_in_cluster))]
+
+
+def label_next(
+    images: list[str],
+    vectors: np.ndarray,
+    clusters: np.ndarray,
+    distance: np.ndarray,
+    annotation: Annotation,
+    labelled: set[str],
+    n: int,
+    graph: tuple[np.ndarray, np.ndarray] | None = None,
+) -> list[tuple[int, str]]:
+    """The ``n`` images whose labels would help most: ``[(index, reason)]``.
+
+    1. the most typical unlabelled image of every cluster that has no human label yet (small clusters included:
+       rare defect types often *are* the small clusters), smallest clusters first;
+    2. then the least confident images, skipping near-duplicates of images already chosen (a label on one of
+       two look-alikes tells little about the other).
+    """
+    chosen: list[tuple[int, str]] = []
+    taken: set[int] = set()
+    is_labelled = np.array([img in labelled for img in images])
+    sizes = np.bincount(clusters)
+    covered = {int(c) for c in clusters[is_labelled]}
+    for c in sorted(set(int(x) for x in clusters) - covered, key=lambda c: (sizes[c], c)):
+        members = np.flatnonzero((clusters == c) & ~is_labelled)
+        if len(members) and len(chosen) < n:
+            i = int(members[np.argmin(distance[members])])
+            chosen.append((i, f"most typical image of cluster {c} ({sizes[c]} images), which has no label yet"))
+            taken.add(i)
+    if len(chosen) >= n:
+        return chosen[:n]
+    neighbours = (graph or knn_graph(vectors, 10))[0]
+    blocked = set(taken) | set(np.flatnonzero(is_labelled).tolist())
+    near = {int(j) for i in taken for j in neighbours[i, :3]}
+    for i in np.argsort(annotation.confidence, kind="stable"):
+        i = int(i)
+        if len(chosen) >= n:
+            break
+        if i in blocked or i in near:
+            continue
+        chosen.append((i, f"uncertain: confidence {annotation.confidence[i]:.2f} for {annotation.labels[i]!r}"))
+        near.update(int(j) for j in neighbours[i, :3])
+    return chosen

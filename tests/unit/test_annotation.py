@@ -1,0 +1,125 @@
+import numpy as np
+import pytest
+
+from tasks.annotation import (
+    HUMAN_SEED,
+    NAMED_CLUSTER,
+    SEED_PROPAGATION,
+    UNNAMED,
+    HumanInputError,
+    HumanInputs,
+    annotate,
+    knn_graph,
+    label_next,
+    load_cluster_names,
+    load_seeds,
+    review_order,
+)
+from tasks.evaluation import label_metrics
+
+
+def _blobs(seed=0):
+    """Three well-separated classes, one of them rare (like a rare defect type), on the unit sphere."""
+    rng = np.random.default_rng(seed)
+    centres = np.eye(8)[:3] * 4
+    counts = {"common": 120, "medium": 60, "rare": 8}
+    x, y = [], []
+    for c, (name, n) in zip(centres, counts.items(), strict=True):
+        x.append(c + rng.normal(0, 0.5, (n, 8)))
+        y += [name] * n
+    v = np.concatenate(x)
+    return v / np.linalg.norm(v, axis=1, keepdims=True), np.array(y)
+
+
+def _none():
+    return HumanInputs({}, {}, None, None)
+
+
+def test_seed_propagation_labels_everything_with_few_seeds():
+    v, y = _blobs()
+    images = [f"img{i}.png" for i in range(len(y))]
+    seeds = {}
+    for name in ("common", "medium", "rare"):
+        for i in np.flatnonzero(y == name)[:4]:
+            seeds[images[i]] = name
+    clusters = np.zeros(len(y), dtype=int)
+    ann = annotate(images, v, clusters, np.ones(len(y)), HumanInputs({}, seeds, None, "x"), 0.9, 0.1, k=8, folds=3)
+    m = label_metrics(list(y), ann.labels, ann.needs_review)
+    assert m["overall_accuracy"] > 0.97 and m["per_class_recall"]["rare"] == 1.0
+    assert set(ann.source) == {HUMAN_SEED, SEED_PROPAGATION}
+    assert all(ann.confidence[[images.index(s) for s in seeds]] == 1.0)
+    assert 0.0 <= ann.confidence.min() and ann.confidence.max() <= 1.0
+
+
+def test_calibrated_confidence_abstains_on_ambiguous_images():
+    rng = np.random.default_rng(1)
+    v = rng.normal(size=(200, 8))  # no structure: propagation is a guess
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    y = np.array(["a", "b"] * 100)
+    images = [f"i{i}" for i in range(200)]
+    seeds = {images[i]: y[i] for i in range(40)}
+    ann = annotate(images, v, np.zeros(200, int), np.ones(200), HumanInputs({}, seeds, None, "x"), 0.9, 0.1, folds=4)
+    assert ann.needs_review[40:].mean() > 0.8  # honest: unsure labels go to review
+
+
+def test_named_clusters_and_unnamed():
+    v, y = _blobs()
+    images = [f"img{i}.png" for i in range(len(y))]
+    clusters = np.array([{"common": 0, "medium": 1, "rare": 2}[c] for c in y])
+    conf = np.full(len(y), 0.5)
+    ann = annotate(images, v, clusters, conf, HumanInputs({0: "crack", 2: "void"}, {}, "h", None), 0.9, 0.2)
+    assert {ann.labels[i] for i in np.flatnonzero(clusters == 0)} == {"crack"}
+    assert {ann.source[i] for i in np.flatnonzero(clusters == 1)} == {UNNAMED}
+    assert ann.labels[int(np.flatnonzero(clusters == 1)[0])] == "cluster-1"
+    assert {ann.source[i] for i in np.flatnonzero(clusters == 2)} == {NAMED_CLUSTER}
+
+
+def test_label_next_asks_every_cluster_first_small_ones_included():
+    v, y = _blobs()
+    images = [f"img{i}.png" for i in range(len(y))]
+    clusters = np.array([{"common": 0, "medium": 1, "rare": 2}[c] for c in y])
+    dist = np.linalg.norm(v - v.mean(0), axis=1)
+    ann = annotate(images, v, clusters, np.full(len(y), 0.5), _none(), 0.9, 0.2)
+    picks = label_next(images, v, clusters, dist, ann, set(), 6)
+    assert [int(clusters[i]) for i, _ in picks[:3]] == [2, 1, 0]  # smallest cluster first
+    assert "most typical" in picks[0][1] and len(picks) == 6 and len({i for i, _ in picks}) == 6
+    labelled = {images[i] for i, _ in picks}
+    again = label_next(images, v, clusters, dist, ann, labelled, 5)
+    assert not labelled & {images[i] for i, _ in again}
+
+
+def test_review_order_interleaves_clusters():
+    from tasks.annotation import Annotation
+
+    ann = Annotation(["x"] * 6, np.array([0.1, 0.2, 0.3, 0.4, 0.05, 0.9]), np.array([1, 1, 1, 1, 1, 0], bool), [""] * 6)
+    order = review_order(ann, np.array([0, 0, 0, 0, 1, 1]))
+    assert order.tolist() == [4, 0, 1, 2, 3]
+
+
+def test_human_input_files_are_validated_with_line_numbers(tmp_path):
+    names = tmp_path / "names.yaml"
+    names.write_text("0: crack\n1: void\n7: scratch\n")
+    with pytest.raises(HumanInputError, match=r"names.yaml:3: unknown cluster 7"):
+        load_cluster_names(names, n_clusters=5)
+    names.write_text("0: crack\n  bad: [\n")
+    with pytest.raises(HumanInputError, match=r"names.yaml:\d+: not valid YAML"):
+        load_cluster_names(names, n_clusters=5)
+    names.write_text("0: crack\n1: crack\n")
+    assert load_cluster_names(names, 5) == {0: "crack", 1: "crack"}
+    seeds = tmp_path / "seeds.csv"
+    seeds.write_text("image,label\na.png,crack\n../b.png,void\n")
+    with pytest.raises(HumanInputError, match=r"seeds.csv:3: image path must be relative"):
+        load_seeds(seeds, {"a.png", "b.png"})
+    seeds.write_text("image,label\na.png,crack\nzzz.png,void\n")
+    with pytest.raises(HumanInputError, match=r"seeds.csv:3: image not in this data version"):
+        load_seeds(seeds, {"a.png"})
+    seeds.write_text("path;label\n")
+    with pytest.raises(HumanInputError, match=r"seeds.csv:1: header"):
+        load_seeds(seeds, {"a.png"})
+
+
+def test_knn_graph_excludes_self():
+    v, _ = _blobs()
+    idx, sim = knn_graph(v, 5)
+    assert idx.shape == (len(v), 5) and not (idx == np.arange(len(v))[:, None]).any()
+    assert (sim <= 1.0 + 1e-9).all()
