@@ -52,10 +52,16 @@ def run_validate(ws: Workspace, params: Params) -> dict[str, Any]:
     out = ws.stage_dir("validate")
     out.mkdir(parents=True, exist_ok=True)
     stats.to_csv(out / "stats.csv", index=False)
-    result.quarantine[["image", "reason"]].to_csv(out / "quarantine.csv", index=False)
+    rejected = pd.read_csv(ws.rejected, keep_default_na=False) if ws.rejected.is_file() else pd.DataFrame()
+    quarantine = pd.concat([result.quarantine[["image", "reason"]], rejected], ignore_index=True)
+    quarantine.to_csv(out / "quarantine.csv", index=False)
     (out / "passed.txt").write_text("".join(f"{p}\n" for p in result.passed))
     ws.write_json("validate", result.gx_result, name="gx_result.json")
-    metrics = {k: v for k, v in result.summary.items()}
+    metrics = dict(result.summary)
+    if len(rejected):  # never read, so GX never saw them; they count as failures all the same
+        n_all = int(metrics["n_images"]) + len(rejected)
+        metrics.update(n_rejected=len(rejected), n_images=n_all, n_quarantined=len(quarantine))
+        metrics["fail_share"] = len(quarantine) / n_all
     ws.write_json("validate", metrics)
     log.info("validate: %d passed, %d quarantined", len(result.passed), len(result.quarantine))
     share = float(result.summary["fail_share"])
@@ -196,6 +202,66 @@ def run_track(ws: Workspace, params: Params, run_id: str) -> dict[str, dict[str,
 def _ground_truth(ws: Workspace, images: list[str]) -> dict[str, str]:
     """Ground-truth labels of ``images`` from ``data/labels.csv`` when the run was given one, else empty."""
     return read_labels(ws.labels, known=set(images)) if ws.labels.is_file() else {}
+
+
+def run_annotate(ws: Workspace, params: Params) -> dict[str, Any]:
+    """Clusters + human inputs (``human/``) → a label, calibrated confidence and source for every image."""
+    from tasks.annotation import UNNAMED, annotate, load_human_inputs, review_order
+    from tasks.evaluation import label_metrics
+    from tasks.publishing import LABEL_COLUMNS
+
+    assignments = pd.read_csv(ws.stage_dir("cluster") / "assignments.csv")
+    index = pd.read_csv(ws.stage_dir("standardize") / "index.csv")
+    vectors = np.load(ws.stage_dir("embed") / "vectors.npy", mmap_mode="r")
+    images = list(assignments["image"])
+    clusters = assignments["cluster"].to_numpy()
+    human = load_human_inputs(ws.human, set(images), int(ws.read_json("cluster")["n_clusters"]))
+    ann = annotate(
+        images,
+        np.asarray(vectors),
+        clusters,
+        assignments["confidence"].to_numpy(),
+        human,
+        accept_confidence=params.annotate.accept_confidence,
+        review_below=params.cluster.review_below,
+        k=params.annotate.neighbours,
+        folds=params.annotate.calibration_folds,
+        seed=params.base.seed,
+    )
+    rows = pd.DataFrame(
+        {
+            "image": images,
+            "sha256": index["sha256"],
+            "cluster": clusters,
+            "label": ann.labels,
+            "confidence": np.round(ann.confidence, 4),
+            "needs_review": ann.needs_review,
+            "label_source": ann.source,
+        },
+        columns=LABEL_COLUMNS,
+    )
+    out = ws.stage_dir("annotate")
+    out.mkdir(parents=True, exist_ok=True)
+    rows.to_csv(out / "labels.csv", index=False)
+    review = rows.iloc[review_order(ann, clusters)].drop(columns=["sha256"])
+    review.insert(0, "rank", np.arange(1, len(review) + 1))
+    review.to_csv(out / "review.csv", index=False)
+    metrics: dict[str, Any] = {
+        "n_images": len(rows),
+        "n_needs_review": int(ann.needs_review.sum()),
+        "coverage": float(1 - ann.needs_review.mean()),
+        "n_seeds": len(human.seeds),
+        "n_named_clusters": len(human.cluster_names),
+        "label_sources": rows["label_source"].value_counts().to_dict(),
+        "human_inputs": human.as_lineage(),
+    }
+    truth = _ground_truth(ws, images)
+    if truth and (rows["label_source"] != UNNAMED).any():
+        mask = rows["image"].isin(truth.keys()).to_numpy()
+        y = [truth[i] for i in rows["image"][mask]]
+        metrics.update(label_metrics(y, list(rows["label"][mask]), ann.needs_review[mask]))
+    ws.write_json("annotate", metrics)
+    return metrics
 
 
 def run_publish(ws: Workspace, params: Params, context: dict[str, Any]) -> Path:
