@@ -7,6 +7,7 @@ Pillow, first frame, EXIF orientation applied, any bit depth or colour mode redu
 from __future__ import annotations
 
 import csv
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +30,29 @@ class ImageDecodeError(Exception):
 
 @dataclass(frozen=True)
 class Discovery:
-    """Image files found under a folder (paths relative to it, POSIX, sorted) and the other files ignored."""
+    """Image files found under a folder (paths relative to it, POSIX, sorted), the other files ignored, and the
+    image files that must not be read at all (``rejected``: path and reason; they go to quarantine)."""
 
     images: list[str]
     ignored: list[str]
+    rejected: list[tuple[str, str]]
+
+
+def _refuse(path: Path, root: Path, rel: str) -> str | None:
+    """Why an image file must not be read, or None: names that do not round-trip, symlinks leaving the folder."""
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8"
+    if path.is_symlink():
+        target = path.resolve()
+        if not target.exists():
+            return "broken symlink"
+        if not target.is_relative_to(root.resolve()):
+            return "symlink pointing outside the image folder"
+    if not os.access(path, os.R_OK):
+        return "unreadable file (permission denied)"
+    return None
 
 
 def discover(root: Path) -> Discovery:
@@ -46,6 +66,7 @@ def discover(root: Path) -> Discovery:
         raise FileNotFoundError(f"image folder not found: {root}")
     images: list[str] = []
     ignored: list[str] = []
+    rejected: list[tuple[str, str]] = []
     for path in sorted(root.rglob("*")):
         if path.is_dir():
             continue
@@ -53,10 +74,15 @@ def discover(root: Path) -> Discovery:
         if any(part.startswith(".") for part in path.relative_to(root).parts):
             ignored.append(rel)
         elif path.suffix.lower() in IMAGE_EXTENSIONS:
-            images.append(rel)
+            reason = _refuse(path, root, rel)
+            if reason is None:
+                images.append(rel)
+            else:
+                printable = rel.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                rejected.append((printable, reason))
         else:
             ignored.append(rel)
-    return Discovery(images=images, ignored=ignored)
+    return Discovery(images=images, ignored=ignored, rejected=rejected)
 
 
 def to_grey_u8(img: Image.Image) -> np.ndarray:

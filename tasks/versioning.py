@@ -7,6 +7,7 @@ version. DVC is driven through its CLI, its stable interface.
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 import subprocess
@@ -18,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from tasks.datasets import discover
+from tasks.datasets import Discovery, discover
 from tasks.workspace import PROJECT_ROOT, Workspace
 
 _GIT_ENV = {
@@ -137,10 +138,10 @@ def init_workspace(ws: Workspace, remote: str | None) -> str:
     return url
 
 
-def mirror_images(src: Path, dest: Path) -> tuple[list[str], list[str]]:
-    """Make ``dest`` hold exactly the image files of ``src`` (copying only what changed).
+def mirror_images(src: Path, dest: Path) -> Discovery:
+    """Make ``dest`` hold exactly the readable image files of ``src`` (copying only what changed).
 
-    Returns the image paths and the ignored (non-image) paths, relative to ``src``.
+    Symlinks are copied as the file they point to, unless they leave ``src`` (then they are rejected).
     """
     found = discover(src)
     dest.mkdir(parents=True, exist_ok=True)
@@ -161,7 +162,7 @@ def mirror_images(src: Path, dest: Path) -> tuple[list[str], list[str]]:
             d.chmod(0o644)
         d.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(s, d)
-    return found.images, found.ignored
+    return found
 
 
 def _dvc_out(dvc_file: Path) -> dict[str, Any]:
@@ -181,9 +182,14 @@ def version_data(ws: Workspace, images: Path, labels: Path | None, remote: str |
     if ws.root == images or ws.root in images.parents:
         raise ValueError(f"the image folder {images} must not be inside the workspace {ws.root}")
     url = init_workspace(ws, remote)
-    image_list, ignored = mirror_images(images, ws.images)
+    found = mirror_images(images, ws.images)
+    image_list, ignored = found.images, found.ignored
     if not image_list:
         raise ValueError(f"no image files under {images} ({len(ignored)} other files ignored)")
+    with open(ws.rejected, "w", newline="") as fh:  # image files never copied: they join the quarantine
+        writer = csv.writer(fh)
+        writer.writerow(["image", "reason"])
+        writer.writerows(found.rejected)
     targets = ["data/images", "data/labels.csv"]
     if labels is not None:
         labels = Path(labels)

@@ -30,6 +30,11 @@ class Workspace:
         return self.root / "data" / "images"
 
     @property
+    def rejected(self) -> Path:
+        """Image files of the input folder that were not copied (e.g. symlinks leaving it), with reasons."""
+        return self.root / "data" / "rejected.csv"
+
+    @property
     def labels(self) -> Path:
         return self.root / "data" / "labels.csv"
 
