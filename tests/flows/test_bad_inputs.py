@@ -50,7 +50,7 @@ def build_corpus(root: Path, outside: Path) -> tuple[dict[str, str], set[str]]:
     (d / "text.png").write_text("this is not an image\n")
     bad["odd/text.png"] = "not an image"
     Image.new("1", (30000, 30000)).save(d / "bomb.png")
-    bad["odd/bomb.png"] = "too many pixels"
+    bad["odd/bomb.png"] = "decompression bomb"  # refused before decoding (30000x30000 declared)
     Image.fromarray(_texture(3)[:1, :1]).save(d / "onepixel.png")
     bad["odd/onepixel.png"] = "too small"
     Image.fromarray(np.tile(_texture(4), (1, 12))[:20]).save(d / "wide.png")
