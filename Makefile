@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_N ?= 2000
 
-.PHONY: install demo test lint lock clean-demo
+.PHONY: install demo test lint lock clean-demo bench-quality
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ demo: install  ## synthesise the built-in data set and run the retrain flow on i
 test: install  ## the whole test suite (pytest's "no tests collected", exit 5, is a failure too)
 	$(BIN)/python -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+bench-quality: install  ## cluster quality of every embedding/clustering method on DeepPCB patches (QUICK=1: subset)
+	$(BIN)/python bench/quality.py $(if $(QUICK),--quick)
 
 lint: install
 	$(BIN)/ruff check flows tasks tests bench

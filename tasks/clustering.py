@@ -153,98 +153,126 @@ def knn_indices(x: np.ndarray, k: int, chunk: int = 2048) -> np.ndarray:
     return out
 
 
+class _Heads:
+    """``H`` SCAN heads trained together as batched tensors (linear, or one hidden ReLU layer)."""
+
+    def __init__(self, n_heads: int, d: int, k: int, hidden: int, gen, init: np.ndarray | None):
+        import torch
+
+        def lin(fan_in: int, fan_out: int):
+            bound = 1.0 / np.sqrt(fan_in)
+            w = (torch.rand((n_heads, fan_out, fan_in), generator=gen) * 2 - 1) * bound
+            return w.requires_grad_(), torch.zeros((n_heads, fan_out)).requires_grad_()
+
+        self.layers = [lin(d, hidden), lin(hidden, k)] if hidden else [lin(d, k)]
+        if init is not None and not hidden:  # head 0 starts as the k-means prototype classifier
+            with torch.no_grad():
+                self.layers[0][0][0] = torch.from_numpy(init) * 10.0
+
+    def parameters(self) -> list:
+        return [t for layer in self.layers for t in layer]
+
+    def logits(self, x):
+        import torch
+
+        h = x.unsqueeze(0).expand(len(self.layers[0][0]), -1, -1)  # (H, B, d)
+        for i, (w, b) in enumerate(self.layers):
+            h = torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+            if i < len(self.layers) - 1:
+                h = torch.relu(h)
+        return h  # (H, B, k)
+
+    def export(self, head: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        return [(w[head].detach().numpy().copy(), b[head].detach().numpy().copy()) for w, b in self.layers]
+
+
+def _scan_loss(p_a, p_b, entropy_weight: float):
+    """Per-head SCAN loss: neighbour consistency minus ``entropy_weight`` x entropy of the mean prediction."""
+    import torch
+
+    cons = -torch.log((p_a * p_b).sum(-1).clamp_min(1e-8)).mean(-1)  # (H,)
+    mean = p_a.mean(-2)
+    neg_entropy = (mean * torch.log(mean.clamp_min(1e-8))).sum(-1)
+    return cons + entropy_weight * neg_entropy
+
+
 def _scan(x: np.ndarray, k: int, params: ClusterParams, seed: int, init: np.ndarray) -> tuple[list, dict]:
     """Train ``params.heads`` SCAN heads on fixed, L2-normalised vectors; return the best head's layers."""
     import torch
-    from torch import nn
-    from torch.nn import functional as F
 
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    n, d = x.shape
-    nn_idx = torch.from_numpy(knn_indices(x, params.neighbours))
-    xt = torch.from_numpy(x)
-    hidden = params.hidden
-    # head 0 starts from the k-means solution (prototype classifier); the others from random starts
-    protos = torch.from_numpy(_prototypes(x, init, k))
-
-    def make(h: int) -> nn.Module:
-        if hidden:
-            return nn.Sequential(nn.Linear(d, hidden), nn.ReLU(), nn.Linear(hidden, k))
-        lin = nn.Linear(d, k)
-        if h == 0:
-            with torch.no_grad():
-                lin.weight.copy_(protos * 10.0)
-                lin.bias.zero_()
-        return lin
-
-    heads = nn.ModuleList([make(h) for h in range(params.heads)])
-    opt = torch.optim.Adam(heads.parameters(), lr=params.lr, weight_decay=1e-4)
-    bs = min(512, n)
-    steps_per_epoch = max(1, n // bs)
-
-    def losses(p_a: torch.Tensor, p_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cons = -torch.log((p_a * p_b).sum(1).clamp_min(1e-8)).mean()
-        mean = p_a.mean(0)
-        ent = (mean * torch.log(mean.clamp_min(1e-8))).sum()  # = -entropy
-        return cons, ent
-
-    for _ in range(params.epochs):
-        perm = torch.randperm(n, generator=gen)
-        for s in range(steps_per_epoch):
-            idx = perm[s * bs : (s + 1) * bs]
-            nb = nn_idx[idx, torch.randint(0, nn_idx.shape[1], (len(idx),), generator=gen)]
-            total = 0.0
-            for head in heads:
-                cons, ent = losses(F.softmax(head(xt[idx]), 1), F.softmax(head(xt[nb]), 1))
-                total = total + cons + params.entropy_weight * ent
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-    # each head's own loss on every image and all its neighbours: the label-free model selection
-    with torch.no_grad():
-        scores = []
-        for head in heads:
-            p = F.softmax(head(xt), 1)
-            cons = -torch.log((p.unsqueeze(1) * p[nn_idx]).sum(2).clamp_min(1e-8)).mean()
-            mean = p.mean(0)
-            scores.append(float(cons + params.entropy_weight * (mean * torch.log(mean.clamp_min(1e-8))).sum()))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only add synchronisation (and stall on a busy machine)
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        n, d = x.shape
+        nn_idx = torch.from_numpy(knn_indices(x, params.neighbours))
+        xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        heads = _Heads(params.heads, d, k, params.hidden, gen, _prototypes(x, init, k))
+        opt = torch.optim.Adam(heads.parameters(), lr=params.lr, weight_decay=1e-4)
+        bs = min(512, n)
+        for _ in range(params.epochs):
+            perm = torch.randperm(n, generator=gen)
+            for s in range(max(1, n // bs)):
+                idx = perm[s * bs : (s + 1) * bs]
+                nb = nn_idx[idx, torch.randint(0, nn_idx.shape[1], (len(idx),), generator=gen)]
+                p_a = torch.softmax(heads.logits(xt[idx]), -1)
+                p_b = torch.softmax(heads.logits(xt[nb]), -1)
+                loss = _scan_loss(p_a, p_b, params.entropy_weight).sum()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+        # each head's own loss on every image and all its neighbours: the label-free model selection
+        with torch.no_grad():
+            p = torch.softmax(heads.logits(xt), -1)  # (H, N, k)
+            scores = []
+            for h in range(params.heads):
+                cons = -torch.log((p[h].unsqueeze(1) * p[h][nn_idx]).sum(-1).clamp_min(1e-8)).mean()
+                mean = p[h].mean(0)
+                scores.append(float(cons + params.entropy_weight * (mean * torch.log(mean.clamp_min(1e-8))).sum()))
         best = int(np.argmin(scores))
-        head = heads[best]
-    if params.self_label:
-        head = _self_label(head, xt, k, params, gen)
-    layers = [m for m in (head if isinstance(head, nn.Sequential) else [head]) if isinstance(m, nn.Linear)]
-    weights = [(m.weight.detach().numpy().copy(), m.bias.detach().numpy().copy()) for m in layers]
-    return weights, {"head_losses": scores, "best_head": best}
+        layers = heads.export(best)
+        if params.self_label:
+            layers = _self_label(layers, xt, k, params, gen)
+    finally:
+        torch.set_num_threads(threads)
+    return layers, {"head_losses": [round(v, 5) for v in scores], "best_head": best}
 
 
-def _self_label(head, xt, k: int, params: ClusterParams, gen) -> Any:
+def _self_label(layers, xt, k: int, params: ClusterParams, gen) -> list[tuple[np.ndarray, np.ndarray]]:
     """SCAN's self-labelling: train on the head's own confident predictions (class-balanced cross-entropy)."""
     import torch
     from torch.nn import functional as F
 
-    opt = torch.optim.Adam(head.parameters(), lr=params.lr * 0.5, weight_decay=1e-4)
-    n = len(xt)
-    bs = min(512, n)
-    for _ in range(max(1, params.epochs // 3)):
+    params_t = [(torch.from_numpy(w).requires_grad_(), torch.from_numpy(b).requires_grad_()) for w, b in layers]
+
+    def logits(x):
+        h = x
+        for i, (w, b) in enumerate(params_t):
+            h = h @ w.T + b
+            if i < len(params_t) - 1:
+                h = torch.relu(h)
+        return h
+
+    opt = torch.optim.Adam([t for pair in params_t for t in pair], lr=params.lr * 0.5, weight_decay=1e-4)
+    bs = min(512, len(xt))
+    for _ in range(max(1, params.epochs // 4)):
         with torch.no_grad():
-            p = F.softmax(head(xt), 1)
-            conf, target = p.max(1)
+            conf, target = torch.softmax(logits(xt), 1).max(1)
             mask = conf > params.self_label_threshold
-        if mask.sum() < k:
+        if int(mask.sum()) < k:
             break
         counts = torch.bincount(target[mask], minlength=k).float()
         weight = torch.where(counts > 0, counts.sum() / (k * counts.clamp_min(1)), torch.zeros_like(counts))
-        idx_all = torch.nonzero(mask).squeeze(1)
-        perm = idx_all[torch.randperm(len(idx_all), generator=gen)]
-        for s in range(0, len(perm), bs):
-            idx = perm[s : s + bs]
+        chosen = torch.nonzero(mask).squeeze(1)
+        chosen = chosen[torch.randperm(len(chosen), generator=gen)]
+        for s in range(0, len(chosen), bs):
+            idx = chosen[s : s + bs]
             noisy = xt[idx] + 0.02 * torch.randn(xt[idx].shape, generator=gen)
-            loss = F.cross_entropy(head(noisy), target[idx], weight=weight)
+            loss = F.cross_entropy(logits(noisy), target[idx], weight=weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-    return head
+    return [(w.detach().numpy().copy(), b.detach().numpy().copy()) for w, b in params_t]
 
 
 def cluster(vectors: np.ndarray, params: ClusterParams, seed: int) -> Clustering:

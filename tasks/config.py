@@ -70,18 +70,27 @@ class StandardizeParams(_Section):
 
 
 class EmbedParams(_Section):
-    method: Literal["simclr"] = "simclr"
-    backbone: str = Field("resnet18", description="A torchvision classification model name.")
-    weights: str | None = Field(None, description="Local ImageNet weights file (.pth) to start from; never downloaded.")
+    method: Literal["simclr", "cnn", "pretrained", "raw", "hog", "lbp", "stats", "morph", "combo"] = Field(
+        "combo", description="What makes the vectors (tasks/embedding.py); combo = weighted blocks (embed.blocks)."
+    )
+    blocks: dict[str, float] = Field(
+        default_factory=lambda: {"stats": 1.0, "lbp": 1.0, "morph": 1.0},
+        description="combo: block → weight (its share of the distance); blocks are any other method.",
+    )
+    backbone: str = Field("small", description="small (a CNN for grey patches) or a torchvision classifier name.")
+    weights: str | None = Field(
+        None, description="null = random init; imagenet = $TORCH_HOME/hub/checkpoints; or a local .pth file."
+    )
     input_size: int = Field(
         32, ge=0, description="Side the backbone sees (standardised images are resized); 0 = as standardised."
     )
     dim: int = Field(128, ge=2, description="Projection-head output dimension.")
-    epochs: int = Field(15, ge=0, description="Self-supervised epochs (0 = use the backbone as it is).")
-    batch_size: int = Field(128, ge=4)
-    lr: float = Field(1e-3, gt=0.0)
+    epochs: int = Field(10, ge=0, description="Self-supervised epochs (0 = use the backbone as it is).")
+    batch_size: int = Field(256, ge=4)
+    lr: float = Field(2e-3, gt=0.0)
     temperature: float = Field(0.2, gt=0.0)
     max_train_images: int = Field(4000, ge=1, description="Subsample for training when there are more images.")
+    pca_dims: int = Field(64, ge=1, description="raw: PCA dimensions of the pixels.")
 
 
 class ClusterParams(_Section):
@@ -116,14 +125,24 @@ class ClusterParams(_Section):
     @model_validator(mode="after")
     def _k(self) -> ClusterParams:
         if self.k == 1:
-            raise ValueError("k must be 0 (automatic) or at least 2")
+            raise ValueError("cluster.k must be 0 (automatic) or at least 2")
         if self.k_min > self.k_max:
-            raise ValueError("k_min must not exceed k_max")
+            raise ValueError("cluster.k_min must not exceed cluster.k_max")
         return self
+
+
+class AnnotateParams(_Section):
+    accept_confidence: float = Field(
+        0.9, ge=0.0, le=1.0, description="Propagated labels below this calibrated confidence need review."
+    )
+    neighbours: int = Field(10, ge=1, description="k of the nearest-neighbour graph that seed labels spread on.")
+    calibration_folds: int = Field(5, ge=2, description="Cross-validation folds over the seeds for calibration.")
 
 
 class PublishParams(_Section):
     montage_size: int = Field(36, ge=1, description="Images per cluster montage (closest to the centre first).")
+    map_method: Literal["tsne", "pca"] = Field("tsne", description="2-D embedding map in the report.")
+    map_points: int = Field(2000, ge=10, description="Images drawn on the map (a seeded sample).")
 
 
 class TrackParams(_Section):
@@ -138,6 +157,7 @@ class Params(_Section):
     standardize: StandardizeParams = StandardizeParams()
     embed: EmbedParams = EmbedParams()
     cluster: ClusterParams = ClusterParams()
+    annotate: AnnotateParams = AnnotateParams()
     publish: PublishParams = PublishParams()
     track: TrackParams = TrackParams()
 

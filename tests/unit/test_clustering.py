@@ -1,0 +1,97 @@
+"""Every clustering method on small synthetic vectors: real scikit-learn and torch, no mocks."""
+
+from __future__ import annotations
+
+import joblib
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from tasks.clustering import assign, cluster, knn_indices
+from tasks.config import ClusterParams
+
+
+def _blobs(sizes=(120, 60, 10), d=16, seed=0) -> tuple[np.ndarray, np.ndarray]:
+    """Well-separated groups, one of them rare."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(len(sizes), d)) * 4
+    x = np.concatenate([c + rng.normal(size=(n, d)) * 0.5 for c, n in zip(centres, sizes, strict=True)])
+    y = np.repeat(np.arange(len(sizes)), sizes)
+    return x.astype(np.float32), y
+
+
+FAST_SCAN = {"epochs": 15, "heads": 3}
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"method": "kmeans", "k": 3},
+        {"method": "scan", "k": 3, **FAST_SCAN},
+        {"method": "scan", "k": 3, "hidden": 16, "self_label": True, "self_label_threshold": 0.9, **FAST_SCAN},
+        {"method": "agglomerative", "k": 3},
+        {"method": "hdbscan", "min_cluster_size": 5},
+    ],
+)
+def test_methods_recover_groups_including_the_rare_one(kwargs, tmp_path):
+    x, y = _blobs()
+    result = cluster(x, ClusterParams(**kwargs), seed=0)
+    assert result.labels.shape == (len(x),) and result.labels.min() >= 0
+    assert adjusted_rand_score(y, result.labels) > 0.9, kwargs
+    rare = np.bincount(result.labels[y == 2]).argmax()
+    assert (result.labels[y != 2] != rare).all()  # the 10-image group keeps its own cluster
+    assert ((result.confidence >= 0) & (result.confidence <= 1)).all()
+    assert (result.distance >= 0).all()
+    # the saved model assigns new vectors the same way (the refresh flow)
+    joblib.dump(result.model, tmp_path / "model.pkl")
+    again = assign(joblib.load(tmp_path / "model.pkl"), x)
+    assert (again.labels == result.labels).mean() > 0.98
+    assert np.allclose(again.distance, result.distance, atol=1e-5)
+
+
+def test_kmeans_k_zero_chooses_k_by_silhouette():
+    x, _ = _blobs(sizes=(50, 50, 50, 50))
+    result = cluster(x, ClusterParams(method="kmeans", k=0, k_min=2, k_max=6, n_init=3), seed=0)
+    assert result.model.n_clusters == 4
+    assert set(result.model.info["k_scores"]) == {2, 3, 4, 5, 6}
+
+
+def test_scan_is_deterministic_and_reports_its_heads():
+    x, _ = _blobs()
+    params = ClusterParams(method="scan", k=3, **FAST_SCAN)
+    a, b = cluster(x, params, seed=1), cluster(x, params, seed=1)
+    assert (a.labels == b.labels).all() and np.allclose(a.confidence, b.confidence)
+    assert len(a.model.info["head_losses"]) == 3 and 0 <= a.model.info["best_head"] < 3
+
+
+def test_over_clustering_and_confidence_margin():
+    x, y = _blobs()
+    result = cluster(x, ClusterParams(method="kmeans", k=6, n_init=3), seed=0)
+    assert result.model.n_clusters == 6
+    # many-to-one: every cluster is (almost) pure
+    for c in range(6):
+        members = y[result.labels == c]
+        assert len(members) == 0 or np.bincount(members).max() / len(members) > 0.95
+
+
+def test_hdbscan_noise_goes_to_review():
+    x, _ = _blobs()
+    scattered = np.random.default_rng(5).normal(size=(6, x.shape[1])).astype(np.float32) * 8
+    result = cluster(np.concatenate([x, scattered]), ClusterParams(method="hdbscan", min_cluster_size=5), seed=0)
+    n_noise = result.model.info["n_noise"]
+    assert n_noise >= 1
+    assert (result.confidence == 0.0).sum() >= n_noise
+
+
+def test_knn_excludes_self():
+    x, _ = _blobs(sizes=(20, 20))
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    nn = knn_indices(x, 5, chunk=7)
+    assert nn.shape == (40, 5) and not (nn == np.arange(40)[:, None]).any()
+
+
+def test_invalid_k_is_refused():
+    with pytest.raises(ValueError):
+        ClusterParams(k=1)
+    with pytest.raises(ValueError, match="at least 2 images"):
+        cluster(np.zeros((1, 3), np.float32), ClusterParams(k=2), seed=0)
