@@ -12,12 +12,15 @@ Pairing images with templates (``pair_templates``) follows one of three document
     the template of ``IMAGES/a/b.png`` is ``TEMPLATES/a/b.png`` (two parallel folder trees).
 ``suffix``
     both live in the same folder: ``<stem><test_suffix>.<ext>`` pairs with ``<stem><template_suffix>.<ext>``
-    (defaults ``_test`` / ``_temp``, as in DeepPCB). Template files are returned separately so the caller can keep
-    them out of the images to label.
+    (defaults ``_test`` / ``_temp``, as in DeepPCB; same extension). Files ending in the template suffix are
+    returned as templates so the caller keeps them out of the images to label; files with neither suffix have no
+    template. With a TEMPLATES folder given, the template is looked up in TEMPLATES/<the image's relative folder>.
 ``single``
-    one golden image for every inspected image: ``TEMPLATES`` is a file.
+    one golden image for every inspected image: ``TEMPLATES`` is a file (if it also sits among the images, it is
+    returned as a template, not labelled).
 
-Images without a template are returned separately (never dropped silently).
+Images without a template are returned separately (never dropped silently), and so are template files found among
+the images (``Pairing.templates``).
 """
 
 from __future__ import annotations
@@ -50,13 +53,20 @@ class LocalizeParams(BaseModel):
         "difference (robust, O(shifts)), phase correlation (fast for large shifts), or none.",
     )
     max_shift: int = Field(8, ge=0, le=256, description="Largest registration shift searched/accepted, pixels.")
-    local_tile: int = Field(
-        128,
-        ge=0,
-        description="Tile side (px) for local shift refinement and an affine fit (slight scale/rotation between "
-        "scans); 0 = one global shift only. Images smaller than two tiles use the global shift.",
+    affine: bool = Field(
+        True,
+        description="Refine the global shift to an affine warp (slight scale/rotation/skew between test and template).",
     )
-    local_reach: int = Field(3, ge=1, le=32, description="Per-tile search radius around the global shift, pixels.")
+    affine_sigma: float = Field(
+        1.5, gt=0.0, le=10.0, description="Gaussian blur (px, at each pyramid level) widening the affine fit's reach."
+    )
+    affine_iterations: int = Field(20, ge=1, le=200, description="Gauss-Newton iterations per pyramid level.")
+    local_tile: int = Field(
+        64, ge=8, le=4096, description="Block side (px) for the local shift refinement after global alignment."
+    )
+    local_reach: int = Field(
+        2, ge=0, le=16, description="Extra shift (px) each block may take after global alignment; 0 = none."
+    )
     percentiles: tuple[float, float] = Field(
         (1.0, 99.0), description="Lighting normalisation: each image's low/high percentiles are mapped to 0 and 1."
     )
@@ -145,15 +155,14 @@ def _search_shift(test: np.ndarray, template: np.ndarray, max_shift: int, centre
     return best
 
 
-def register(
-    test: np.ndarray, template: np.ndarray, max_shift: int, method: str = "search"
-) -> tuple[int, int]:
+def register(test: np.ndarray, template: np.ndarray, max_shift: int, method: str = "search") -> tuple[int, int]:
     """Integer ``(dy, dx)`` such that ``test[y, x]`` corresponds to ``template[y + dy, x + dx]``.
 
-    ``search`` tries every shift up to ``max_shift`` on a 2x-downsampled pair, then refines by one pixel at full
-    resolution: defects are a tiny share of the pixels, so the mean absolute difference has a sharp minimum at the
-    true shift. ``phase`` uses phase correlation (any shift, but a shift beyond ``max_shift`` is treated as a
-    failure and gives (0, 0)). Sub-pixel residuals are left to the tolerant difference.
+    ``search`` tries every shift up to ``max_shift`` on a downscaled pair (halved until the reach is 2 px), then
+    refines by one pixel per level: defects are a tiny share of the pixels, so the mean absolute difference has a
+    sharp minimum at the true shift. ``phase`` uses phase correlation (any shift, but a shift beyond ``max_shift``
+    is treated as a failure and gives (0, 0)). Sub-pixel residuals are left to ``estimate_alignment`` and the
+    tolerant difference.
     """
     if test.shape != template.shape:
         raise ValueError(f"test {test.shape} and template {template.shape} differ in size")
@@ -165,106 +174,147 @@ def register(
         from skimage.registration import phase_cross_correlation
 
         shift, _, _ = phase_cross_correlation(b, a, upsample_factor=1, normalization=None)
-        dy, dx = (int(round(-s)) for s in shift)
+        dy, dx = (int(round(s)) for s in shift)
         if max(abs(dy), abs(dx)) > max_shift:
             return 0, 0
         return dy, dx
     if method != "search":
         raise ValueError(f"unknown registration method {method!r}")
-    if min(a.shape) >= 64 and max_shift >= 2:
-        a2, b2 = _downsample2(a), _downsample2(b)
-        cy, cx = _search_shift(a2, b2, (max_shift + 1) // 2, (0, 0))
-        coarse = (2 * cy, 2 * cx)
-        return _search_shift(a, b, 1, coarse)
-    return _search_shift(a, b, max_shift, (0, 0))
+    return _pyramid_search(a, b, max_shift)
 
 
-def _downsample2(img: np.ndarray) -> np.ndarray:
-    h, w = (img.shape[0] // 2) * 2, (img.shape[1] // 2) * 2
-    return img[:h, :w].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+def _pyramid_search(a: np.ndarray, b: np.ndarray, max_shift: int) -> tuple[int, int]:
+    """Exhaustive search, coarse to fine: halve the images until the reach is small, then refine by +-1 px."""
+    if max_shift <= 2 or min(a.shape) < 64:
+        return _search_shift(a, b, max_shift, (0, 0))
+    cy, cx = _pyramid_search(_downscale(a, 2), _downscale(b, 2), (max_shift + 1) // 2)
+    return _search_shift(a, b, 1, (2 * cy, 2 * cx))
 
 
-def _subpixel(cm: float, c0: float, cp: float) -> float:
-    """Vertex offset (-0.5..0.5) of the parabola through three costs around a minimum."""
-    den = cm - 2.0 * c0 + cp
-    return float(np.clip(0.5 * (cm - cp) / den, -0.5, 0.5)) if den > 0 else 0.0
+def _downscale(img: np.ndarray, factor: int) -> np.ndarray:
+    """Block-mean downscale by an integer factor (crops the remainder)."""
+    if factor == 1:
+        return img
+    h, w = (img.shape[0] // factor) * factor, (img.shape[1] // factor) * factor
+    return img[:h, :w].reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
 
 
-def _tile_shift(a: np.ndarray, b: np.ndarray, box: tuple[int, int, int, int], centre: tuple[int, int], reach: int):
-    """Sub-pixel shift of one tile of ``a`` against ``b`` near ``centre``, or None when its minimum is not distinct.
+def _affine_lk(a: np.ndarray, b: np.ndarray, model: np.ndarray, iterations: int, tol: float = 0.02) -> np.ndarray:
+    """Gauss-Newton (Lucas-Kanade, forward additive) refinement of a 2x3 affine ``model`` mapping ``a`` onto ``b``.
 
-    A tile is trusted only if its best shift is strictly inside the searched window and clearly better than the
-    typical shift (flat areas and stripes parallel to the shift have no distinct minimum).
+    Plain least squares: defects are a small share of the pixels (robust weights were tried and only slowed
+    convergence). Stops when no pixel moves by more than ``tol`` pixels.
     """
-    y0, x0, y1, x1 = box
-    tile = a[y0:y1, x0:x1]
-    if float(tile.std()) < 0.05:
-        return None
-    n = 2 * reach + 1
-    costs = np.full((n, n), np.inf)
-    cy, cx = centre
-    for i in range(n):
-        for j in range(n):
-            dy, dx = cy + i - reach, cx + j - reach
-            if y0 + dy < 0 or x0 + dx < 0 or y1 + dy > b.shape[0] or x1 + dx > b.shape[1]:
-                continue
-            costs[i, j] = float(np.abs(tile - b[y0 + dy : y1 + dy, x0 + dx : x1 + dx]).mean())
-    if not np.isfinite(costs).all():
-        return None
-    i, j = np.unravel_index(int(np.argmin(costs)), costs.shape)
-    if i in (0, n - 1) or j in (0, n - 1):
-        return None
-    best, typical = costs[i, j], float(np.median(costs))
-    if typical - best < 0.5 * typical:
-        return None
-    fy = _subpixel(costs[i - 1, j], best, costs[i + 1, j])
-    fx = _subpixel(costs[i, j - 1], best, costs[i, j + 1])
-    return cy + i - reach + fy, cx + j - reach + fx
+    h, w = a.shape
+    # centred, scaled coordinates keep the 6x6 normal equations well conditioned
+    sy = np.broadcast_to(((np.arange(h, dtype=np.float32) - h / 2.0) / h)[:, None], (h, w))
+    sx = np.broadcast_to(((np.arange(w, dtype=np.float32) - w / 2.0) / w)[None, :], (h, w))
+    inner = np.zeros((h, w), bool)
+    inner[2:-2, 2:-2] = True
+    for _ in range(iterations):
+        # the gradient of the warped template stands in for the warped gradient (the warp is near identity)
+        warped = ndi.affine_transform(b, model[:, :2], offset=model[:, 2], order=1, mode="nearest")
+        gy, gx = np.gradient(warped)
+        valid = inner & _covered(model, (h, w), 0.0)
+        err = (a - warped)[valid]
+        gyv, gxv, syv, sxv = gy[valid], gx[valid], sy[valid], sx[valid]
+        jac = np.stack([gyv * syv, gyv * sxv, gyv, gxv * syv, gxv * sxv, gxv], axis=1)
+        try:
+            step = np.linalg.solve(jac.T @ jac, jac.T @ err)
+        except np.linalg.LinAlgError:
+            break
+        # back from centred/scaled coordinates to pixel coordinates
+        d = np.array(
+            [
+                [step[0] / h, step[1] / w, step[2] - step[0] / 2.0 - step[1] / 2.0],
+                [step[3] / h, step[4] / w, step[5] - step[3] / 2.0 - step[4] / 2.0],
+            ]
+        )
+        model = model + d
+        # largest displacement change over the image, in pixels
+        moved = max(
+            abs(step[0]) / 2 + abs(step[1]) / 2 + abs(step[2]), abs(step[3]) / 2 + abs(step[4]) / 2 + abs(step[5])
+        )
+        if moved < tol:
+            break
+    return model
 
 
 def estimate_alignment(test: np.ndarray, template: np.ndarray, params: LocalizeParams) -> np.ndarray:
-    """2x3 affine ``M`` mapping test pixel ``(y, x, 1)`` to template coordinates; identity plus shift by default.
+    """2x3 affine ``M`` mapping test pixel ``(y, x, 1)`` to template coordinates.
 
-    The global integer shift (``register``) is refined tile by tile (``local_tile`` px, +-``local_reach`` px, sub-pixel)
-    and an affine model is fitted to the trusted tile shifts with outlier rejection: scans and cameras differ by
-    slight scale, rotation or skew, which a single shift leaves as misaligned edges growing across the image.
-    Too few trusted tiles, or a model straying beyond ``max_shift``, falls back to the global shift.
+    Starts from the global integer shift (``register``); with ``affine`` on, refines it to a full affine warp by
+    Lucas-Kanade on blurred images, coarse to fine: scans and cameras differ by slight scale, rotation or skew,
+    which a single shift leaves as misaligned edges growing across the image. A refinement that strays beyond
+    ``max_shift`` or does not lower the difference is discarded (the global shift is kept).
     """
     a = test if test.dtype != np.uint8 else normalise(test, params.percentiles)
     b = template if template.dtype != np.uint8 else normalise(template, params.percentiles)
     dy, dx = register(a, b, params.max_shift, params.registration)
-    shift = np.array([[1.0, 0.0, dy], [0.0, 1.0, dx]])
-    t = params.local_tile
+    shift = np.array([[1.0, 0.0, float(dy)], [0.0, 1.0, float(dx)]])
     h, w = a.shape
-    if t == 0 or params.registration == "none" or h < 2 * t or w < 2 * t:
+    if not params.affine or params.registration == "none" or min(h, w) < 32:
         return shift
-    points, targets = [], []
-    for y0 in range(0, h - t + 1, t):
-        for x0 in range(0, w - t + 1, t):
-            found = _tile_shift(a, b, (y0, x0, y0 + t, x0 + t), (dy, dx), params.local_reach)
-            if found is not None:
-                cy, cx = y0 + (t - 1) / 2.0, x0 + (t - 1) / 2.0
-                points.append((cy, cx, 1.0))
-                targets.append((cy + found[0], cx + found[1]))
-    if len(points) < 6:
-        return shift
-    design, goal = np.array(points), np.array(targets)
-    keep = np.ones(len(points), bool)
-    model = shift.T
-    for _ in range(3):
-        if keep.sum() < 6:
-            return shift
-        model, *_ = np.linalg.lstsq(design[keep], goal[keep], rcond=None)
-        residual = np.linalg.norm(design @ model - goal, axis=1)
-        new_keep = residual <= max(1.0, 2.5 * float(np.median(residual[keep])))
-        if (new_keep == keep).all():
-            break
-        keep = new_keep
+    model = shift.copy()
+    levels = [f for f in (4, 2) if min(h, w) // f >= 32]
+    sa = sb = a
+    for factor in levels:
+        sa = ndi.gaussian_filter(_downscale(a, factor), params.affine_sigma)
+        sb = ndi.gaussian_filter(_downscale(b, factor), params.affine_sigma)
+        model = _from_level(_affine_lk(sa, sb, _to_level(model, factor), params.affine_iterations), factor)
     corners = np.array([[0, 0, 1], [0, w - 1, 1], [h - 1, 0, 1], [h - 1, w - 1, 1]], float)
-    displacement = corners @ model - corners[:, :2]
-    if np.abs(displacement).max() > params.max_shift:
+    if not np.isfinite(model).all() or np.abs(corners @ model.T - corners[:, :2]).max() > params.max_shift + 1:
         return shift
-    return model.T
+    # keep the refinement only if it fits better than the plain shift (judged on the finest level used)
+    factor = levels[-1] if levels else 1
+    if _misfit(sa, sb, _to_level(model, factor)) < _misfit(sa, sb, _to_level(shift, factor)):
+        return model
+    return shift
+
+
+def _to_level(model: np.ndarray, factor: int) -> np.ndarray:
+    """Express a full-resolution affine model on a grid downscaled by ``factor`` (block means)."""
+    off = (factor - 1) / 2.0  # a block's centre in full-resolution pixels
+    out = model.copy()
+    out[:, 2] = (model[:, 2] + model[:, :2] @ [off, off] - off) / factor
+    return out
+
+
+def _from_level(model: np.ndarray, factor: int) -> np.ndarray:
+    """Inverse of ``_to_level``."""
+    off = (factor - 1) / 2.0
+    out = model.copy()
+    out[:, 2] = model[:, 2] * factor + off - model[:, :2] @ [off, off]
+    return out
+
+
+def _warp(b: np.ndarray, model: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``b`` resampled onto the test grid by ``model`` (bilinear), and the mask of pixels it really covers."""
+    h, w = b.shape
+    if np.array_equal(model[:, :2], np.eye(2)) and np.array_equal(model[:, 2], np.round(model[:, 2])):
+        dy, dx = int(model[0, 2]), int(model[1, 2])
+        ty, tx, ry, rx = _overlap(b.shape, dy, dx)
+        warped, valid = np.zeros_like(b), np.zeros(b.shape, bool)
+        warped[ty, tx], valid[ty, tx] = b[ry, rx], True
+        return warped, valid
+    warped = ndi.affine_transform(b, model[:, :2], offset=model[:, 2], order=1, mode="nearest")
+    return warped, _covered(model, (h, w), -0.5)
+
+
+def _covered(model: np.ndarray, shape: tuple[int, int], margin: float) -> np.ndarray:
+    """Pixels whose mapped position lies inside ``shape`` (grown by ``margin`` px; negative = shrunk)."""
+    h, w = shape
+    yy = np.arange(h, dtype=np.float32)[:, None]
+    xx = np.arange(w, dtype=np.float32)[None, :]
+    my = model[0, 0] * yy + model[0, 1] * xx + model[0, 2]
+    mx = model[1, 0] * yy + model[1, 1] * xx + model[1, 2]
+    return (my >= -margin) & (my <= h - 1 + margin) & (mx >= -margin) & (mx <= w - 1 + margin)
+
+
+def _misfit(a: np.ndarray, b: np.ndarray, model: np.ndarray) -> float:
+    """Mean absolute difference between ``a`` and ``b`` warped by ``model``, over the covered pixels."""
+    warped, valid = _warp(b, model)
+    return float(np.abs(a - warped)[valid].mean()) if valid.any() else np.inf
 
 
 def difference_map(test: np.ndarray, template: np.ndarray, params: LocalizeParams) -> np.ndarray:
@@ -278,29 +328,51 @@ def difference_map(test: np.ndarray, template: np.ndarray, params: LocalizeParam
     """
     a = normalise(test, params.percentiles)
     b = normalise(template, params.percentiles)
-    model = estimate_alignment(a, b, params)
-    h, w = a.shape
-    if np.allclose(model[:, :2], np.eye(2)) and np.allclose(model[:, 2], np.round(model[:, 2])):
-        dy, dx = (int(round(v)) for v in model[:, 2])
-        ty, tx, ry, rx = _overlap(a.shape, dy, dx)
-        warped = np.zeros_like(a)
-        warped[ty, tx] = b[ry, rx]
-        valid = np.zeros(a.shape, bool)
-        valid[ty, tx] = True
-    else:
-        warped = ndi.affine_transform(b, model[:, :2], offset=model[:, 2], order=1, mode="nearest")
-        yy, xx = np.mgrid[0:h, 0:w]
-        my = model[0, 0] * yy + model[0, 1] * xx + model[0, 2]
-        mx = model[1, 0] * yy + model[1, 1] * xx + model[1, 2]
-        valid = (my >= 0) & (my <= h - 1) & (mx >= 0) & (mx <= w - 1)
+    warped, valid = _warp(b, estimate_alignment(a, b, params))
     size = 2 * params.tolerance_radius + 1
-    if size > 1:
-        bmin, bmax = ndi.minimum_filter(warped, size), ndi.maximum_filter(warped, size)
-        d = np.maximum(a - bmax, 0) + np.maximum(bmin - a, 0)
-    else:
-        d = np.abs(a - warped)
-    d[~ndi.binary_erosion(valid, iterations=params.tolerance_radius) if params.tolerance_radius else ~valid] = 0
+    bmin, bmax = ndi.minimum_filter(warped, size), ndi.maximum_filter(warped, size)
+    d = np.maximum(a - bmax, 0) + np.maximum(bmin - a, 0)
+    if params.local_reach > 0:
+        d = _local_best(a, bmin, bmax, d, params.local_tile, params.local_reach, params.threshold)
+    erode = params.tolerance_radius + params.local_reach
+    if erode:
+        valid = ndi.binary_erosion(valid, iterations=erode, border_value=1)
+    d[~valid] = 0
     return d.astype(np.float32)
+
+
+def _local_best(
+    a: np.ndarray, bmin: np.ndarray, bmax: np.ndarray, d0: np.ndarray, tile: int, reach: int, threshold: float
+) -> np.ndarray:
+    """Per tile, the difference under the extra shift (within ``reach``) that explains the tile best.
+
+    What remains after a global (affine) alignment is smooth but not affine (line-scan speed, board warp): each
+    ``tile`` x ``tile`` block may move by a pixel or two more. A block takes the shift with the smallest summed
+    difference; a defect is a small part of a block and does not vanish under a shift of a pixel or two, while
+    misaligned edges do. The unshifted difference wins ties; blocks with nothing above ``threshold`` are skipped.
+    """
+    h, w = a.shape
+    pmin = np.pad(bmin, reach, mode="edge")
+    pmax = np.pad(bmax, reach, mode="edge")
+    best = d0.copy()
+    for y0 in range(0, h, tile):
+        for x0 in range(0, w, tile):
+            y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
+            if d0[y0:y1, x0:x1].max() <= threshold:
+                continue
+            at = a[y0:y1, x0:x1]
+            best_cost = float(d0[y0:y1, x0:x1].sum())
+            for sy in range(-reach, reach + 1):
+                for sx in range(-reach, reach + 1):
+                    if sy == 0 and sx == 0:
+                        continue
+                    ys, xs = slice(y0 + reach + sy, y1 + reach + sy), slice(x0 + reach + sx, x1 + reach + sx)
+                    d = np.maximum(at - pmax[ys, xs], 0) + np.maximum(pmin[ys, xs] - at, 0)
+                    cost = float(d.sum())
+                    if cost < 0.99 * best_cost:
+                        best_cost = cost
+                        best[y0:y1, x0:x1] = d
+    return best
 
 
 def _disk(radius: int) -> np.ndarray:
@@ -324,6 +396,8 @@ def boxes_from_difference(diff: np.ndarray, params: LocalizeParams) -> list[Box]
         if sl is None or areas[i] < params.min_area:
             continue
         raw.append(Box(sl[1].start, sl[0].start, sl[1].stop, sl[0].stop, float(scores[i]), int(areas[i])))
+    # a wrong template or a broken image can give thousands of regions: merge only the strongest ones
+    raw = sorted(raw, key=lambda b: -b.score)[: 20 * params.max_crops]
     merged = merge_boxes(raw, params.merge_distance)
     merged.sort(key=lambda b: -b.score)
     return merged[: params.max_crops]
@@ -386,9 +460,7 @@ def crop_boxes(image: np.ndarray, boxes: list[Box], params: LocalizeParams) -> l
     return out
 
 
-def localize_file(
-    test_path: Path, template_path: Path, params: LocalizeParams
-) -> list[tuple[Box, Box, np.ndarray]]:
+def localize_file(test_path: Path, template_path: Path, params: LocalizeParams) -> list[tuple[Box, Box, np.ndarray]]:
     """Decode a test/template pair and return ``(defect box, crop box, patch)`` for every defect found.
 
     Raises:
@@ -447,6 +519,8 @@ def pair_templates(
         if templates_root is None or not Path(templates_root).is_dir():
             raise ValueError(f"rule 'same-name' needs a templates folder, got {templates_root}")
         troot = Path(templates_root).resolve()
+        if images_root.resolve().is_relative_to(troot):
+            raise ValueError(f"rule 'same-name': templates folder {templates_root} contains the image folder")
         for rel in images:
             if (images_root / rel).resolve().is_relative_to(troot):
                 templates.append(rel)  # the template tree lies inside the image tree
