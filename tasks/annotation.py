@@ -157,15 +157,31 @@ def spread(
     f = y0.copy()
     for _ in range(iterations):
         f = alpha * (s @ f) + (1 - alpha) * y0
-    return f
+    # class mass normalisation (Zhu et al. 2003): a class with many seeds must not flood its neighbours; seeds
+    # picked by label-next are far from uniform over classes
+    mass = f.sum(axis=0)
+    return f / np.where(mass > 0, mass, 1.0)
 
 
 def _scores(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Predicted class and a raw confidence score in [0, 1] (share of the top class, 0 where nothing reached)."""
+    """Predicted class and a raw confidence score in [0, 1] (share of the top class; 0 where nothing reached)."""
     total = f.sum(axis=1)
     pred = f.argmax(axis=1)
-    raw = np.where(total > 0, f.max(axis=1) / np.maximum(total, 1e-12), 0.0)
+    raw = np.where(total > 1e-12, f.max(axis=1) / np.maximum(total, 1e-12), 0.0)
     return pred, raw
+
+
+def _fill_unreached(f: np.ndarray, vectors: np.ndarray, seed_index: np.ndarray, seed_class: np.ndarray) -> None:
+    """Nodes the spreading never reached (a graph component without seeds) take their nearest seed's class,
+    with a tiny weight so that their confidence stays at the bottom (they go to review)."""
+    unreached = np.flatnonzero(f.sum(axis=1) <= 1e-12)
+    if len(unreached) == 0 or len(seed_index) == 0:
+        return
+    from sklearn.neighbors import NearestNeighbors
+
+    nn = NearestNeighbors(n_neighbors=1, metric="cosine").fit(np.asarray(vectors)[seed_index])
+    nearest = nn.kneighbors(np.asarray(vectors)[unreached], return_distance=False)[:, 0]
+    f[unreached, seed_class[nearest]] = 1e-9
 
 
 def calibrate(
@@ -231,6 +247,7 @@ def annotate(
         seed_class = np.array([classes.index(lab) for lab in human.seeds.values()])
         neighbours = (graph or knn_graph(vectors, k))[0]
         f = spread(neighbours, seed_index, seed_class, len(classes))
+        _fill_unreached(f, vectors, seed_index, seed_class)
         pred, raw = _scores(f)
         prob = np.clip(calibrate(neighbours, seed_index, seed_class, len(classes), folds, seed)(raw), 0, 1)
         for i in range(n):
