@@ -163,14 +163,7 @@ def stage(
         for s in STAGES[:-1]:
             tracking.log_metrics(ws, run_id, s, ws.read_json(s))
         models = stages.run_track(ws, params, run_id)
-        context = {
-            "data": data,
-            "code": code,
-            "models": models,
-            "mlflow_run_id": run_id,
-            "mlflow_experiment": params.track.experiment,
-            "mlflow_tracking_uri": tracking.tracking_uri(ws),
-        }
+        context = stages.publish_context(ws, params, run_id, data, code, models)
         path = stages.run_publish(ws, params, context)
         tracking.log_artifacts(ws, run_id, path, f"labelset/{path.name}")
         tracking.end_run(ws, run_id)

@@ -153,16 +153,9 @@ def publish_and_record(
     ws: Workspace, params: Params, run_id: str, data: dict[str, Any], code: dict[str, Any], models: dict[str, Any]
 ) -> Path:
     """Publish the label set, link it from MLflow and Prefect, and record the outputs in dvc.lock and git."""
-    context = {
-        "data": data,
-        "code": code,
-        "models": models,
-        "mlflow_run_id": run_id,
-        "mlflow_experiment": params.track.experiment,
-        "mlflow_tracking_uri": tracking.tracking_uri(ws),
-        "prefect_flow_run_id": str(flow_run.get_id() or ""),
-        "prefect_deployment_id": str(deployment.get_id() or "") or None,
-    }
+    context = stages.publish_context(
+        ws, params, run_id, data, code, models, str(flow_run.get_id() or ""), str(deployment.get_id() or "") or None
+    )
     ws.write_json("track", {"run_id": run_id, "data": data, "models": models}, name="context.json")
     path = publish_task(ws, params, context)
     tracking.log_artifacts(ws, run_id, path, f"labelset/{path.name}")

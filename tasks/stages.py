@@ -264,6 +264,31 @@ def run_annotate(ws: Workspace, params: Params) -> dict[str, Any]:
     return metrics
 
 
+def publish_context(
+    ws: Workspace,
+    params: Params,
+    run_id: str,
+    data: dict[str, Any],
+    code: dict[str, Any],
+    models: dict[str, Any],
+    flow_run_id: str | None = None,
+    deployment_id: str | None = None,
+) -> dict[str, Any]:
+    """What ``run_publish`` needs from the driver (Prefect flow or ``dvc repro``), in one place."""
+    from tasks.tracking import tracking_uri
+
+    return {
+        "data": data,
+        "code": code,
+        "models": models,
+        "mlflow_run_id": run_id,
+        "mlflow_experiment": params.track.experiment,
+        "mlflow_tracking_uri": tracking_uri(ws),
+        "prefect_flow_run_id": flow_run_id,
+        "prefect_deployment_id": deployment_id,
+    }
+
+
 def run_publish(ws: Workspace, params: Params, context: dict[str, Any]) -> Path:
     """Write the label set atomically: labels, review queue, exports, montages, figures, report, manifest.
 
