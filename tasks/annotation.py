@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from tasks.config import Params
+
 HUMAN_SEED = "human seed"
 SEED_PROPAGATION = "seed propagation"
 NAMED_CLUSTER = "human-named cluster"
@@ -259,6 +261,31 @@ def annotate(
             i = index[img]
             labels[i], source[i], confidence[i], needs_review[i] = lab, HUMAN_SEED, 1.0, False
     return Annotation(labels=labels, confidence=confidence, needs_review=needs_review, source=source)
+
+
+def annotate_with_params(
+    params: Params,
+    images: list[str],
+    vectors: np.ndarray,
+    clusters: np.ndarray,
+    cluster_confidence: np.ndarray,
+    human: HumanInputs,
+    graph: tuple[np.ndarray, np.ndarray] | None = None,
+) -> Annotation:
+    """:func:`annotate` with the settings of params.yaml (``annotate.*``, ``cluster.review_below``, the seed)."""
+    return annotate(
+        images,
+        vectors,
+        clusters,
+        cluster_confidence,
+        human,
+        accept_confidence=params.annotate.accept_confidence,
+        review_below=params.cluster.review_below,
+        k=params.annotate.neighbours,
+        folds=params.annotate.calibration_folds,
+        seed=params.base.seed,
+        graph=graph,
+    )
 
 
 def review_order(annotation: Annotation, clusters: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.annotation import HumanInputs, annotate, knn_graph, label_next
+from tasks.annotation import HumanInputs, annotate_with_params, knn_graph, label_next
 from tasks.config import Params
 from tasks.evaluation import label_metrics
 
@@ -49,19 +49,7 @@ def simulate(
 
     def run() -> tuple[object, dict[str, object]]:
         human = HumanInputs(cluster_names={}, seeds=dict(seeds), cluster_names_sha256=None, seeds_sha256=None)
-        ann = annotate(
-            images,
-            vectors,
-            clusters,
-            cluster_confidence,
-            human,
-            accept_confidence=params.annotate.accept_confidence,
-            review_below=params.cluster.review_below,
-            k=params.annotate.neighbours,
-            folds=params.annotate.calibration_folds,
-            seed=params.base.seed,
-            graph=graph,
-        )
+        ann = annotate_with_params(params, images, vectors, clusters, cluster_confidence, human, graph)
         return ann, label_metrics([truth[i] for i in images], ann.labels, ann.needs_review)
 
     ann, _ = run()

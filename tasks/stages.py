@@ -206,7 +206,7 @@ def _ground_truth(ws: Workspace, images: list[str]) -> dict[str, str]:
 
 def run_annotate(ws: Workspace, params: Params) -> dict[str, Any]:
     """Clusters + human inputs (``human/``) → a label, calibrated confidence and source for every image."""
-    from tasks.annotation import UNNAMED, annotate, load_human_inputs, review_order
+    from tasks.annotation import UNNAMED, annotate_with_params, load_human_inputs, review_order
     from tasks.evaluation import label_metrics
     from tasks.publishing import LABEL_COLUMNS
 
@@ -216,18 +216,8 @@ def run_annotate(ws: Workspace, params: Params) -> dict[str, Any]:
     images = list(assignments["image"])
     clusters = assignments["cluster"].to_numpy()
     human = load_human_inputs(ws.human, set(images), int(ws.read_json("cluster")["n_clusters"]))
-    ann = annotate(
-        images,
-        np.asarray(vectors),
-        clusters,
-        assignments["confidence"].to_numpy(),
-        human,
-        accept_confidence=params.annotate.accept_confidence,
-        review_below=params.cluster.review_below,
-        k=params.annotate.neighbours,
-        folds=params.annotate.calibration_folds,
-        seed=params.base.seed,
-    )
+    confidence = assignments["confidence"].to_numpy()
+    ann = annotate_with_params(params, images, np.asarray(vectors), clusters, confidence, human)
     rows = pd.DataFrame(
         {
             "image": images,
