@@ -152,13 +152,7 @@ def stage(
             params.track.experiment,
             "dvc-repro",
             params.as_dict(),
-            {
-                "autolabel.git_commit": code["git_commit"],
-                "mlflow.source.git.commit": code["git_commit"],
-                "autolabel.data_md5": data["md5"],
-                "autolabel.params_hash": params.digest(),
-                "autolabel.driver": "dvc",
-            },
+            {**tracking.lineage_tags(data, code, params.digest()), "autolabel.driver": "dvc"},
         )
         for s in STAGES[:-1]:
             tracking.log_metrics(ws, run_id, s, ws.read_json(s))

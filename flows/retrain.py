@@ -60,21 +60,11 @@ def record_lock_task(ws: Workspace, push: bool) -> str:
 
 
 def lineage_tags(data: dict[str, Any], code: dict[str, Any], params: Params) -> dict[str, str]:
-    """The lineage facts set as MLflow tags (the same ones the manifest holds)."""
-    tags = {
-        "mlflow.source.git.commit": code["git_commit"],
-        "autolabel.git_commit": code["git_commit"],
-        "autolabel.git_dirty": str(code["git_dirty"]).lower(),
-        "autolabel.package_version": code["package_version"],
-        "autolabel.data_md5": data["md5"],
-        "autolabel.data_nfiles": str(data["nfiles"]),
-        "autolabel.data_remote": data["remote"],
-        "autolabel.params_hash": params.digest(),
-        "autolabel.prefect_flow_run_id": str(flow_run.get_id() or ""),
-    }
-    if deployment.get_id():
-        tags["autolabel.prefect_deployment_id"] = str(deployment.get_id())
-    return tags
+    """The lineage tags of a run inside a Prefect flow (flow-run and deployment ids from Prefect's runtime)."""
+    deployment_id = deployment.get_id()
+    return tracking.lineage_tags(
+        data, code, params.digest(), str(flow_run.get_id() or ""), str(deployment_id) if deployment_id else None
+    )
 
 
 @contextmanager

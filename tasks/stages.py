@@ -308,6 +308,7 @@ def run_publish(ws: Workspace, params: Params, context: dict[str, Any]) -> Path:
     sizes = {r.image: (int(r.width), int(r.height)) for r in stats.itertuples() if r.width == r.width}
     truth = _ground_truth(ws, list(rows["image"]))
     models = context.get("models", {})
+    evaluate_metrics = ws.read_json("evaluate")
 
     def write_files(folder: Path) -> None:
         (folder / "labels.csv").write_bytes(labels_csv)
@@ -343,9 +344,7 @@ def run_publish(ws: Workspace, params: Params, context: dict[str, Any]) -> Path:
             "Prefect flow run": context.get("prefect_flow_run_id"),
             "code": context["code"].get("git_commit"),
         }
-        report.write_report(
-            folder, f"Label set {set_id}", facts, {**ws.read_json("evaluate"), **annotate_metrics}, review
-        )
+        report.write_report(folder, f"Label set {set_id}", facts, {**evaluate_metrics, **annotate_metrics}, review)
 
     validate_metrics = ws.read_json("validate")
     quarantine = pd.read_csv(ws.stage_dir("validate") / "quarantine.csv", keep_default_na=False)
@@ -375,7 +374,7 @@ def run_publish(ws: Workspace, params: Params, context: dict[str, Any]) -> Path:
         "params_hash": params.digest(),
         "models": models,
         "human_inputs": human,
-        "metrics": {**ws.read_json("evaluate"), "annotate": annotate_metrics},
+        "metrics": {**evaluate_metrics, "annotate": annotate_metrics},
         "labels_sha256": labels_sha,
     }
     path, created = publish(ws.labelsets, set_id, write_files, manifest)

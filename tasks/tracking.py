@@ -50,7 +50,6 @@ def _client(ws: Workspace):
 
 def start_run(ws: Workspace, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
     """Create the run (status RUNNING) with flattened params and lineage tags; return its id."""
-    mlflow = _mlflow(ws)
     client = _client(ws)
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
@@ -65,8 +64,31 @@ def start_run(ws: Workspace, experiment: str, run_name: str, params: dict[str, A
     batch = [Param(k, str(v)[:6000]) for k, v in flat.items()]
     for i in range(0, len(batch), 100):
         client.log_batch(run.info.run_id, params=batch[i : i + 100])
-    del mlflow
     return run.info.run_id
+
+
+def lineage_tags(
+    data: dict[str, Any],
+    code: dict[str, Any],
+    params_hash: str,
+    flow_run_id: str | None = None,
+    deployment_id: str | None = None,
+) -> dict[str, str]:
+    """The lineage facts set as run tags (the same ones the manifest holds), for every driver."""
+    tags = {
+        "mlflow.source.git.commit": code["git_commit"],
+        "autolabel.git_commit": code["git_commit"],
+        "autolabel.git_dirty": str(code["git_dirty"]).lower(),
+        "autolabel.package_version": code["package_version"],
+        "autolabel.data_md5": data["md5"],
+        "autolabel.data_nfiles": str(data.get("nfiles")),
+        "autolabel.data_remote": str(data.get("remote")),
+        "autolabel.params_hash": params_hash,
+        "autolabel.prefect_flow_run_id": flow_run_id or "",
+    }
+    if deployment_id:
+        tags["autolabel.prefect_deployment_id"] = deployment_id
+    return tags
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
