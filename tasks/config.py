@@ -45,6 +45,13 @@ class ValidateParams(_Section):
         1.0, ge=0.0, description="Minimum variance of the Laplacian of the 128 px grey thumbnail: below = blurred."
     )
     formats: list[str] = Field(default_factory=lambda: ["PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP", "PPM"])
+    near_duplicate_similarity: float = Field(
+        0.99,
+        gt=0.0,
+        le=1.0,
+        description="Near duplicates: an image whose 32 px thumbnail correlates at least this much with an earlier "
+        "image's (among those with a close perceptual hash) is quarantined; 1.0 = only identical thumbnails.",
+    )
     batch_size: int = Field(256, ge=1)
 
     @model_validator(mode="after")

@@ -1,7 +1,7 @@
 """A corpus of bad and unusual image files mixed into good ones: the run completes, nothing is lost.
 
-Broken files end in quarantine.csv with a specific reason; unusual but valid files (16-bit, CMYK, palette with
-transparency, animated GIF, EXIF-rotated) are decoded and labelled like any other image.
+Broken files, exact and near duplicates end in quarantine.csv with a specific reason; unusual but valid files
+(16-bit, CMYK, palette with transparency, animated GIF, EXIF-rotated) are decoded and labelled like any other image.
 """
 
 from __future__ import annotations
@@ -60,6 +60,19 @@ def build_corpus(root: Path, outside: Path) -> tuple[dict[str, str], set[str]]:
     first_good = sorted((root / "good").rglob("*.png"))[0]
     (d / "zz-copy.png").write_bytes(first_good.read_bytes())
     bad["odd/zz-copy.png"] = "duplicate of good/"
+    # near copies of the most contrasted good image: other bytes and pixels, the same picture
+    planted = {r["path"] for r in csv.DictReader(open(root / "good/planted.csv"))}
+    candidates = [
+        p for p in sorted((root / "good").rglob("*.png")) if p.relative_to(root / "good").as_posix() not in planted
+    ]
+    source = max(candidates, key=lambda p: np.asarray(Image.open(p).convert("L"), dtype=np.float64).std())
+    grey = np.asarray(Image.open(source).convert("L"), dtype=np.float64)
+    near = f"near-duplicate of {source.relative_to(root).as_posix()}"
+    Image.fromarray(np.clip(grey + 12, 0, 255).astype(np.uint8)).save(d / "zz-brighter.png")
+    bad["odd/zz-brighter.png"] = near
+    noisy = np.clip(grey + np.random.default_rng(0).normal(0, 1.5, grey.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(noisy).save(d / "zz-reencoded.jpg", quality=92)
+    bad["odd/zz-reencoded.jpg"] = "near-duplicate of "  # of the source or of the brighter copy: both are near it
     secret = outside / "secret.png"
     Image.fromarray(_texture(5)).save(secret)
     os.symlink(secret, d / "escape.png")
