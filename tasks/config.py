@@ -146,6 +146,79 @@ class AnnotateParams(_Section):
     calibration_folds: int = Field(5, ge=2, description="Cross-validation folds over the seeds for calibration.")
 
 
+class LocalizeParams(_Section):
+    """Template-based defect localisation (``tasks/localize.py``), used by ``autolabel run --templates``.
+
+    Lengths are in pixels of the inspected image; grey levels are on the normalised 0-1 scale (after each image's
+    percentile stretch), so the same values work for binarised scans and grey IC-package images alike. The
+    defaults are the best recipe of ``bench/localize.py`` on DeepPCB (see bench/RESULTS.md).
+    """
+
+    rule: Literal["same-name", "suffix", "single"] = Field(
+        "same-name",
+        description="Pairing of images with templates: same-name = TEMPLATES/<relative path> (parallel trees); "
+        "suffix = <stem><test_suffix>.<ext> with <stem><template_suffix>.<ext> in the same folder; single = one "
+        "golden image (TEMPLATES is a file).",
+    )
+    unpaired: Literal["passthrough", "skip"] = Field(
+        "passthrough",
+        description="Images without a usable template: labelled whole (passthrough) or only listed in "
+        "unlocalized.csv (skip). Listed either way.",
+    )
+    registration: Literal["search", "phase", "none"] = Field(
+        "search",
+        description="How to align test to template: exhaustive integer search minimising the mean absolute "
+        "difference (robust, O(shifts)), phase correlation (fast for large shifts), or none.",
+    )
+    max_shift: int = Field(8, ge=0, le=256, description="Largest registration shift searched/accepted, pixels.")
+    affine: bool = Field(
+        True,
+        description="Refine the global shift to an affine warp (slight scale/rotation/skew between test and template).",
+    )
+    affine_sigma: float = Field(
+        1.5, gt=0.0, le=10.0, description="Gaussian blur (px, at each pyramid level) widening the affine fit's reach."
+    )
+    affine_iterations: int = Field(20, ge=1, le=200, description="Gauss-Newton iterations per pyramid level.")
+    local_tile: int = Field(
+        64, ge=8, le=4096, description="Block side (px) for the local shift refinement after global alignment."
+    )
+    local_reach: int = Field(
+        2, ge=0, le=16, description="Extra shift (px) each block may take after global alignment; 0 = none."
+    )
+    percentiles: tuple[float, float] = Field(
+        (1.0, 99.0), description="Lighting normalisation: each image's low/high percentiles are mapped to 0 and 1."
+    )
+    tolerance_radius: int = Field(
+        1,
+        ge=0,
+        le=10,
+        description="A test pixel only differs if it lies outside the template's min-max range within this radius "
+        "(absorbs residual misalignment and edge ringing).",
+    )
+    threshold: float = Field(0.35, gt=0.0, le=1.0, description="Normalised difference above which a pixel differs.")
+    morph_radius: int = Field(
+        1, ge=0, le=10, description="Opening radius removing specks thinner than 2*r+1 px from the difference mask."
+    )
+    min_area: int = Field(6, ge=1, description="Smallest differing region (pixels, after morphology) kept.")
+    merge_distance: int = Field(
+        6, ge=0, description="Regions closer than this (pixels) are one defect (a broken track shows as two blobs)."
+    )
+    min_side: int = Field(64, ge=1, description="Smallest crop side, pixels.")
+    margin: int = Field(16, ge=0, description="Crop side = max(min_side, longest box side + margin).")
+    max_crops: int = Field(50, ge=1, description="At most this many crops per image, strongest difference first.")
+    test_suffix: str = Field("_test", description="`suffix` pairing: stem suffix of inspected images.")
+    template_suffix: str = Field("_temp", description="`suffix` pairing: stem suffix of templates.")
+
+    @model_validator(mode="after")
+    def _check(self) -> LocalizeParams:
+        lo, hi = self.percentiles
+        if not 0.0 <= lo < hi <= 100.0:
+            raise ValueError("percentiles must satisfy 0 <= low < high <= 100")
+        if self.test_suffix == self.template_suffix:
+            raise ValueError("test_suffix and template_suffix must differ")
+        return self
+
+
 class PublishParams(_Section):
     montage_size: int = Field(36, ge=1, description="Images per cluster montage (closest to the centre first).")
     map_method: Literal["tsne", "pca"] = Field("tsne", description="2-D embedding map in the report.")
@@ -159,6 +232,7 @@ class TrackParams(_Section):
 
 class Params(_Section):
     base: BaseParams = BaseParams()
+    localize: LocalizeParams = LocalizeParams()
     version: VersionParams = VersionParams()
     validate_: ValidateParams = Field(ValidateParams(), alias="validate")
     standardize: StandardizeParams = StandardizeParams()

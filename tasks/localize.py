@@ -21,84 +21,35 @@ Pairing images with templates (``pair_templates``) follows one of three document
 
 Images without a template are returned separately (never dropped silently), and so are template files found among
 the images (``Pairing.templates``).
+
+``localize_folder`` turns a folder of inspection images into a folder of patches, one image at a time (memory does
+not grow with the data set), and accounts for every input file in two tables:
+
+- ``boxes.csv``: one row per file of the patch folder: the patch, what it is (``defect`` crop or ``whole`` image),
+  its source image (path relative to the image folder, sha256), the template (path, sha256), the defect box and
+  the crop box in source-image pixels, and the difference score and area. It maps every label back to its source.
+- ``unlocalized.csv``: every input image that did not become defect patches, with what happened to it
+  (``passthrough``: copied whole into the patch folder, so it is labelled whole or quarantined by the validate
+  step if it cannot be decoded; ``skipped``: not labelled, with ``localize.unpaired: skip``; ``template``: it is a
+  template; ``rejected``: never read, e.g. a symlink leaving the folder; ``no-defect``: it matches its template).
+
+Patch names are ``<source path>__<i>_<x0>_<y0>.png`` (``i`` = rank by difference score, ``x0, y0`` = the crop's
+top-left corner), in the source's sub-folder; whole images keep their own path. Names and bytes depend only on
+the inputs and the params, so a re-run rebuilds the same folder (unchanged files are not rewritten, stale ones are
+removed).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy import ndimage as ndi
 
+from tasks.config import LocalizeParams
 from tasks.datasets import decode
-
-PairingRule = Literal["same-name", "suffix", "single"]
-
-
-class LocalizeParams(BaseModel):
-    """Every tunable of template-based defect localisation (the ``localize:`` section of params.yaml).
-
-    Lengths are in pixels of the inspected image; grey levels are on the normalised 0-1 scale (after each image's
-    percentile stretch), so the same values work for binarised scans and grey IC-package images alike.
-    """
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    registration: Literal["search", "phase", "none"] = Field(
-        "search",
-        description="How to align test to template: exhaustive integer search minimising the mean absolute "
-        "difference (robust, O(shifts)), phase correlation (fast for large shifts), or none.",
-    )
-    max_shift: int = Field(8, ge=0, le=256, description="Largest registration shift searched/accepted, pixels.")
-    affine: bool = Field(
-        True,
-        description="Refine the global shift to an affine warp (slight scale/rotation/skew between test and template).",
-    )
-    affine_sigma: float = Field(
-        1.5, gt=0.0, le=10.0, description="Gaussian blur (px, at each pyramid level) widening the affine fit's reach."
-    )
-    affine_iterations: int = Field(20, ge=1, le=200, description="Gauss-Newton iterations per pyramid level.")
-    local_tile: int = Field(
-        64, ge=8, le=4096, description="Block side (px) for the local shift refinement after global alignment."
-    )
-    local_reach: int = Field(
-        2, ge=0, le=16, description="Extra shift (px) each block may take after global alignment; 0 = none."
-    )
-    percentiles: tuple[float, float] = Field(
-        (1.0, 99.0), description="Lighting normalisation: each image's low/high percentiles are mapped to 0 and 1."
-    )
-    tolerance_radius: int = Field(
-        1,
-        ge=0,
-        le=10,
-        description="A test pixel only differs if it lies outside the template's min-max range within this radius "
-        "(absorbs residual misalignment and edge ringing).",
-    )
-    threshold: float = Field(0.35, gt=0.0, le=1.0, description="Normalised difference above which a pixel differs.")
-    morph_radius: int = Field(
-        1, ge=0, le=10, description="Opening radius removing specks thinner than 2*r+1 px from the difference mask."
-    )
-    min_area: int = Field(6, ge=1, description="Smallest differing region (pixels, after morphology) kept.")
-    merge_distance: int = Field(
-        6, ge=0, description="Regions closer than this (pixels) are one defect (a broken track shows as two blobs)."
-    )
-    min_side: int = Field(64, ge=1, description="Smallest crop side, pixels.")
-    margin: int = Field(16, ge=0, description="Crop side = max(min_side, longest box side + margin).")
-    max_crops: int = Field(50, ge=1, description="At most this many crops per image, strongest difference first.")
-    test_suffix: str = Field("_test", description="`suffix` pairing: stem suffix of inspected images.")
-    template_suffix: str = Field("_temp", description="`suffix` pairing: stem suffix of templates.")
-
-    @model_validator(mode="after")
-    def _check(self) -> LocalizeParams:
-        lo, hi = self.percentiles
-        if not 0.0 <= lo < hi <= 100.0:
-            raise ValueError("percentiles must satisfy 0 <= low < high <= 100")
-        if self.test_suffix == self.template_suffix:
-            raise ValueError("test_suffix and template_suffix must differ")
-        return self
 
 
 @dataclass(frozen=True)
@@ -508,7 +459,10 @@ def pair_templates(
     templates: list[str] = []
     if rule == "single":
         if templates_root is None or not Path(templates_root).is_file():
-            raise ValueError(f"rule 'single' needs the golden image file as templates root, got {templates_root}")
+            raise ValueError(
+                f"rule 'single' needs one golden image file as templates, got {templates_root} "
+                "(a folder of templates: rule same-name or suffix)"
+            )
         golden = Path(templates_root).resolve()
         for rel in images:
             if (images_root / rel).resolve() == golden:
@@ -517,10 +471,15 @@ def pair_templates(
                 pairs[rel] = str(templates_root)
     elif rule == "same-name":
         if templates_root is None or not Path(templates_root).is_dir():
-            raise ValueError(f"rule 'same-name' needs a templates folder, got {templates_root}")
+            raise ValueError(
+                f"rule 'same-name' needs a templates folder, got {templates_root} (one golden image: rule single)"
+            )
         troot = Path(templates_root).resolve()
         if images_root.resolve().is_relative_to(troot):
-            raise ValueError(f"rule 'same-name': templates folder {templates_root} contains the image folder")
+            raise ValueError(
+                f"rule 'same-name': templates folder {templates_root} contains the image folder "
+                "(tests and templates side by side in one folder: rule suffix)"
+            )
         for rel in images:
             if (images_root / rel).resolve().is_relative_to(troot):
                 templates.append(rel)  # the template tree lies inside the image tree
@@ -552,3 +511,307 @@ def pair_templates(
     else:
         raise ValueError(f"unknown pairing rule {rule!r}: use same-name, suffix or single")
     return Pairing(pairs=pairs, missing=missing, templates=templates)
+
+
+PATCH_COLUMNS = [
+    "patch",
+    "kind",
+    "image",
+    "image_sha256",
+    "template",
+    "template_sha256",
+    "x0",
+    "y0",
+    "x1",
+    "y1",
+    "crop_x0",
+    "crop_y0",
+    "crop_x1",
+    "crop_y1",
+    "score",
+    "area",
+]
+UNLOCALIZED_COLUMNS = ["image", "action", "reason", "template"]
+_TABLES = ("boxes.csv", "unlocalized.csv")
+
+
+@dataclass(frozen=True)
+class LocalizeResult:
+    """What ``localize_folder`` did: counts for metrics.json, and the failures with their reasons."""
+
+    out_dir: Path
+    images: int  # image files found under the image folder (templates among them and rejected files included)
+    pairs: int  # images with a template under the rule
+    localized: int  # paired images that gave at least one defect patch
+    no_defect: int  # paired images identical to their template (within tolerance): no patch
+    patches: int  # defect patches written
+    whole: int  # images copied whole into the patch folder (unpaired or failed, localize.unpaired: passthrough)
+    skipped: int  # images neither localised nor copied (localize.unpaired: skip)
+    unpaired: int  # images without a template file
+    templates_excluded: int  # template files found among the images: never labelled
+    rejected: int  # image files never read (see datasets.discover)
+    ignored: int  # other files under the image folder (not images)
+    failures: tuple[tuple[str, str], ...]  # (image, reason): decode errors, size mismatches, unreadable templates
+    seconds: float
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready counts; failures become a count per reason (every one is listed in unlocalized.csv)."""
+        reasons: dict[str, int] = {}
+        for _, reason in self.failures:
+            key = reason.split(":")[0]
+            reasons[key] = reasons.get(key, 0) + 1
+        return {
+            "n_images": self.images,
+            "n_pairs": self.pairs,
+            "n_localized": self.localized,
+            "n_no_defect": self.no_defect,
+            "n_patches": self.patches,
+            "n_whole": self.whole,
+            "n_skipped": self.skipped,
+            "n_unpaired": self.unpaired,
+            "n_templates_excluded": self.templates_excluded,
+            "n_rejected": self.rejected,
+            "n_ignored": self.ignored,
+            "n_failures": len(self.failures),
+            "failure_reasons": dict(sorted(reasons.items())),
+            "patches_per_localized_image": round(self.patches / self.localized, 3) if self.localized else 0.0,
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def check_templates(templates: Path | None, images_root: Path, rule: str) -> None:
+    """Fail early (before any work) when ``templates`` cannot fit ``rule``; the message says which rule would.
+
+    Raises:
+        ValueError: a rule that needs a folder got a file or the other way round, or no templates for a rule that
+            needs them.
+    """
+    if rule == "suffix":
+        if templates is not None and not Path(templates).is_dir():
+            raise ValueError(f"rule 'suffix' needs a templates folder (or the image folder itself), got {templates}")
+        return
+    pair_templates([], templates, images_root, rule)
+
+
+def _patch_name(rel: str, i: int, crop: Box) -> str:
+    return f"{rel}__{i}_{crop.x1}_{crop.y1}.png"
+
+
+def _png(patch: np.ndarray) -> bytes:
+    """PNG bytes of a grey patch; Pillow writes no time stamp, so the bytes depend on the pixels only."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(patch).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    """Write ``data`` unless the file already holds exactly it (keeps mtimes, so mirroring and DVC skip it).
+
+    Written through a hidden temporary file and a rename, so an interrupted run never leaves a truncated patch.
+    """
+    import os
+
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _csv_bytes(columns: list[str], rows: list[dict[str, object]]) -> bytes:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue().encode("utf-8")
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def _prepare_out_dir(out_dir: Path, images_root: Path, templates: Path | None) -> None:
+    """Refuse an output folder that overlaps the inputs or holds something else than an earlier run's patches."""
+    out, src = out_dir.resolve(), images_root.resolve()
+    for other, what in ((src, "image folder"), (templates.resolve() if templates else None, "templates")):
+        if other is None:
+            continue
+        if out == other or out.is_relative_to(other) or other.is_relative_to(out):
+            raise ValueError(f"the patch folder {out_dir} must not overlap the {what} {other}")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / "boxes.csv").is_file():
+        raise ValueError(f"{out_dir} is not empty and holds no boxes.csv: not a patch folder, refusing to clear it")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not (out_dir / "boxes.csv").is_file():  # marks the folder as ours at once, so a crashed run can be re-run
+        _write_if_changed(out_dir / "boxes.csv", _csv_bytes(PATCH_COLUMNS, []))
+
+
+def _remove_stale(out_dir: Path, keep: set[str]) -> int:
+    """Delete every file of ``out_dir`` that this run did not write (and empty folders); return how many."""
+    removed = 0
+    for path in sorted(out_dir.rglob("*"), reverse=True):
+        rel = path.relative_to(out_dir).as_posix()
+        if path.is_dir():
+            if not any(path.iterdir()):
+                path.rmdir()
+        elif rel not in keep:
+            path.unlink()
+            removed += 1
+    return removed
+
+
+def localize_folder(
+    images_root: Path,
+    templates: Path | None,
+    out_dir: Path,
+    params: LocalizeParams,
+    log: Callable[[str], None] | None = None,
+) -> LocalizeResult:
+    """Localise defects in every image under ``images_root`` and write the patches to ``out_dir``.
+
+    Images are paired with templates by ``params.rule`` (module docstring), processed one at a time (only one
+    image, its template and its patches are in memory), and every input file ends up in ``boxes.csv`` (as a patch
+    source) or ``unlocalized.csv`` (with a reason). An image without a usable template (none found, unreadable,
+    or of another size) is copied whole into ``out_dir`` with ``params.unpaired == "passthrough"`` and only listed
+    with ``"skip"``. An image that cannot be decoded is always copied unchanged, so the validate step quarantines it
+    with the same reason as in a run without templates. Serial on purpose: two processes did not pay on 2 shared
+    cores (bench/RESULTS.md).
+
+    Raises:
+        FileNotFoundError: ``images_root`` is missing.
+        ValueError: ``templates`` does not fit the rule, or ``out_dir`` overlaps the inputs or is a foreign folder.
+    """
+    import time
+
+    from tasks.datasets import ImageDecodeError, discover
+
+    start = time.perf_counter()
+    images_root, out_dir = Path(images_root), Path(out_dir)
+    templates = Path(templates) if templates is not None else None
+    found = discover(images_root)
+    check_templates(templates, images_root, params.rule)
+    pairing = pair_templates(
+        found.images, templates, images_root, params.rule, params.test_suffix, params.template_suffix
+    )
+    _prepare_out_dir(out_dir, images_root, templates)
+    troot = (templates.parent if templates.is_file() else templates) if templates is not None else images_root
+    is_template, missing = set(pairing.templates), set(pairing.missing)
+    patch_rows: list[dict[str, object]] = []
+    other_rows: list[dict[str, object]] = [
+        {"image": rel, "action": "rejected", "reason": reason, "template": ""} for rel, reason in found.rejected
+    ]
+    written: set[str] = set()
+    failures: list[tuple[str, str]] = []
+    counts = dict.fromkeys(("localized", "no_defect", "patches", "whole", "skipped"), 0)
+    template_cache: dict[str, tuple[str, np.ndarray | None, str]] = {}  # path -> (sha256, pixels, error)
+
+    def template_rel(path: str) -> str:
+        p = Path(path)
+        return p.relative_to(troot).as_posix() if p.is_relative_to(troot) else str(p)
+
+    def load_template(path: str) -> tuple[str, np.ndarray | None, str]:
+        if path not in template_cache:
+            template_cache.clear()  # one entry: enough for `single`, bounded memory for the other rules
+            try:
+                template_cache[path] = (_sha256(Path(path)), decode(Path(path))[0], "")
+            except ImageDecodeError as exc:
+                template_cache[path] = ("", None, f"unusable template: {exc.reason}")
+            except OSError as exc:
+                template_cache[path] = ("", None, f"unusable template: {exc.strerror or exc}")
+        return template_cache[path]
+
+    def keep_whole(rel: str, sha: str, template: str, reason: str, always: bool = False) -> None:
+        if always or params.unpaired == "passthrough":
+            if rel in written:
+                raise ValueError(f"{rel} is both an image and the name of a patch; rename it")
+            _write_if_changed(out_dir / rel, (images_root / rel).read_bytes())
+            written.add(rel)
+            counts["whole"] += 1
+            patch_rows.append({"patch": rel, "kind": "whole", "image": rel, "image_sha256": sha, "template": template})
+            other_rows.append({"image": rel, "action": "passthrough", "reason": reason, "template": template})
+        else:
+            counts["skipped"] += 1
+            other_rows.append({"image": rel, "action": "skipped", "reason": reason, "template": template})
+
+    for n, rel in enumerate(found.images, start=1):
+        if log is not None and n % 100 == 0:
+            log(f"localize: {n}/{len(found.images)} images, {counts['patches']} patches")
+        if rel in is_template:
+            other_rows.append({"image": rel, "action": "template", "reason": f"template (rule {params.rule})"})
+            continue
+        sha = _sha256(images_root / rel)
+        if rel in missing:
+            keep_whole(rel, sha, "", "no template")
+            continue
+        tpath = pairing.pairs[rel]
+        tname = template_rel(tpath)
+        try:
+            test, _ = decode(images_root / rel)
+        except ImageDecodeError as exc:
+            failures.append((rel, f"undecodable image: {exc.reason}"))
+            keep_whole(rel, sha, tname, f"undecodable image: {exc.reason}", always=True)
+            continue
+        tsha, template, error = load_template(tpath)
+        if template is not None and template.shape != test.shape:
+            (th, tw), (h, w) = template.shape, test.shape
+            error = f"size mismatch: template {tw}x{th}, image {w}x{h}"
+        if error:
+            failures.append((rel, error))
+            keep_whole(rel, sha, tname, error)
+            continue
+        boxes = find_defects(test, template, params)
+        if not boxes:
+            counts["no_defect"] += 1
+            other_rows.append(
+                {"image": rel, "action": "no-defect", "reason": "no difference to the template", "template": tname}
+            )
+            continue
+        counts["localized"] += 1
+        for i, (box, (crop, patch)) in enumerate(zip(boxes, crop_boxes(test, boxes, params), strict=True)):
+            name = _patch_name(rel, i, crop)
+            _write_if_changed(out_dir / name, _png(patch))
+            written.add(name)
+            counts["patches"] += 1
+            patch_rows.append(
+                {
+                    "patch": name,
+                    "kind": "defect",
+                    "image": rel,
+                    "image_sha256": sha,
+                    "template": tname,
+                    "template_sha256": tsha,
+                    **dict(zip(PATCH_COLUMNS[6:10], (box.x1, box.y1, box.x2, box.y2), strict=True)),
+                    **dict(zip(PATCH_COLUMNS[10:14], (crop.x1, crop.y1, crop.x2, crop.y2), strict=True)),
+                    "score": f"{box.score:.4f}",
+                    "area": box.area,
+                }
+            )
+    # whole images whose name looks like a patch of another image would be silently overwritten: refuse instead
+    if len(written) != len(patch_rows):
+        raise ValueError("an image name collides with a patch name; rename the image")
+    other_rows.sort(key=lambda r: str(r["image"]))
+    _write_if_changed(out_dir / "boxes.csv", _csv_bytes(PATCH_COLUMNS, patch_rows))
+    _write_if_changed(out_dir / "unlocalized.csv", _csv_bytes(UNLOCALIZED_COLUMNS, other_rows))
+    _remove_stale(out_dir, written | set(_TABLES))
+    return LocalizeResult(
+        out_dir=out_dir,
+        images=len(found.images) + len(found.rejected),
+        pairs=len(pairing.pairs),
+        unpaired=len(pairing.missing),
+        templates_excluded=len(pairing.templates),
+        rejected=len(found.rejected),
+        ignored=len(found.ignored),
+        failures=tuple(failures),
+        seconds=time.perf_counter() - start,
+        **counts,
+    )

@@ -1,4 +1,6 @@
 import csv
+import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,7 @@ from tasks.localize import (
     crop_boxes,
     find_defects,
     localize_file,
+    localize_folder,
     pair_templates,
     register,
 )
@@ -190,3 +193,162 @@ def test_real_pairs_recall(shared_data):
             total += 1
             found += any(c.x1 <= cx < c.x2 and c.y1 <= cy < c.y2 for _, c, _ in results)
     assert total >= 15 and found / total >= 0.9
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture
+def pair_tree(tmp_path) -> tuple[Path, Path, list[Box]]:
+    """images/ and golden/ (rule same-name): two pairs with planted defects in a sub-folder, a defect-free pair,
+    an image without a template and a corrupt image that has one."""
+    images, golden = tmp_path / "images", tmp_path / "golden"
+    test, template, planted = _pair()
+    clean, clean_template, _ = _pair(defects=False)
+    files = {
+        "line1/a.png": (test, template),
+        "line1/b.png": (np.fliplr(test), np.fliplr(template)),
+        "clean.png": (clean, clean_template),
+    }
+    for rel, (t, g) in files.items():
+        for root, img in ((images, t), (golden, g)):
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.ascontiguousarray(img)).save(root / rel)
+    Image.fromarray(test).save(images / "lonely.png")  # no template
+    (images / "broken.png").write_bytes((images / "clean.png").read_bytes()[:200])  # truncated, has a template
+    Image.fromarray(template).save(golden / "broken.png")
+    (images / "notes.txt").write_text("not an image")
+    return images, golden, planted
+
+
+def test_localize_folder_patches_boxes_and_accounting(pair_tree, tmp_path):
+    images, golden, planted = pair_tree
+    out = tmp_path / "patches"
+    result = localize_folder(images, golden, out, LocalizeParams())
+    assert (result.images, result.pairs, result.unpaired, result.localized, result.no_defect) == (5, 4, 1, 2, 1)
+    assert result.patches == 2 * len(planted) and result.whole == 2 and result.skipped == 0
+    assert [f[0] for f in result.failures] == ["broken.png"] and "truncated" in result.failures[0][1]
+    boxes = _rows(out / "boxes.csv")
+    defects = [r for r in boxes if r["kind"] == "defect"]
+    assert len(defects) == result.patches
+    # every planted defect of a.png is inside one of its crops, and every patch is exactly its crop of the image
+    crops_a = [
+        Box(*(int(r[k]) for k in ("crop_x0", "crop_y0", "crop_x1", "crop_y1")))
+        for r in defects
+        if r["image"] == "line1/a.png"
+    ]
+    for box in planted:
+        assert any(_covers(c, box) for c in crops_a), box
+    source = np.asarray(Image.open(images / "line1/a.png"))
+    for r in defects:
+        assert r["patch"].startswith(r["image"] + "__") and r["template"] == r["image"]
+        assert r["template_sha256"] == hashlib.sha256((golden / r["template"]).read_bytes()).hexdigest()
+        assert r["image_sha256"] == hashlib.sha256((images / r["image"]).read_bytes()).hexdigest()
+        x0, y0, x1, y1 = (int(r[k]) for k in ("crop_x0", "crop_y0", "crop_x1", "crop_y1"))
+        assert r["patch"].endswith(f"_{x0}_{y0}.png")
+        if r["image"] == "line1/a.png":
+            assert np.array_equal(np.asarray(Image.open(out / r["patch"])), source[y0:y1, x0:x1])
+    # the patch folder holds exactly the rows of boxes.csv (plus the two tables)
+    assert set(_snapshot(out)) == {r["patch"] for r in boxes} | {"boxes.csv", "unlocalized.csv"}
+    others = {r["image"]: r for r in _rows(out / "unlocalized.csv")}
+    assert set(others) == {"clean.png", "lonely.png", "broken.png"}
+    assert others["clean.png"]["action"] == "no-defect"
+    assert others["lonely.png"]["action"] == "passthrough" and others["lonely.png"]["reason"] == "no template"
+    assert others["broken.png"]["action"] == "passthrough" and "undecodable" in others["broken.png"]["reason"]
+    # whole images are copied unchanged: the validate step judges (and quarantines) them as in any run
+    for rel in ("lonely.png", "broken.png"):
+        assert (out / rel).read_bytes() == (images / rel).read_bytes()
+    counts = result.as_dict()
+    assert counts["n_failures"] == 1 and counts["failure_reasons"] == {"undecodable image": 1}
+    assert counts["n_ignored"] == 1
+
+
+def test_localize_folder_is_deterministic_and_clears_stale_patches(pair_tree, tmp_path):
+    images, golden, _ = pair_tree
+    params = LocalizeParams()
+    localize_folder(images, golden, tmp_path / "one", params)
+    localize_folder(images, golden, tmp_path / "two", params)
+    first = _snapshot(tmp_path / "one")
+    assert first == _snapshot(tmp_path / "two")  # same names, same bytes
+    mtimes = {rel: (tmp_path / "one" / rel).stat().st_mtime_ns for rel in first}
+    (tmp_path / "one" / "line1" / "old__0_0_0.png").write_bytes(b"stale")
+    (tmp_path / "one" / "gone").mkdir()
+    (tmp_path / "one" / "gone" / "x.png").write_bytes(b"stale")
+    localize_folder(images, golden, tmp_path / "one", params)
+    assert _snapshot(tmp_path / "one") == first and not (tmp_path / "one" / "gone").exists()
+    assert {rel: (tmp_path / "one" / rel).stat().st_mtime_ns for rel in first} == mtimes  # unchanged: not rewritten
+
+
+def test_localize_folder_skip_unpaired(pair_tree, tmp_path):
+    images, golden, _ = pair_tree
+    out = tmp_path / "patches"
+    result = localize_folder(images, golden, out, LocalizeParams(unpaired="skip"))
+    assert result.skipped == 1 and result.whole == 1  # the corrupt image still goes on to the validate quarantine
+    assert not (out / "lonely.png").exists() and (out / "broken.png").exists()
+    others = {r["image"]: r["action"] for r in _rows(out / "unlocalized.csv")}
+    assert others["lonely.png"] == "skipped"
+
+
+def test_localize_folder_single_golden_and_templates_excluded(pair_tree, tmp_path):
+    images, golden, _ = pair_tree
+    (images / "golden.png").write_bytes((golden / "line1" / "a.png").read_bytes())
+    result = localize_folder(images, images / "golden.png", tmp_path / "p", LocalizeParams(rule="single"))
+    assert result.templates_excluded == 1 and result.pairs == 5  # every other image, against the one golden image
+    assert result.unpaired == 0 and result.whole == 1  # only the corrupt image goes through whole
+    assert result.localized >= 2  # a.png and lonely.png (the same defects) at least
+    assert {r["image"]: r["action"] for r in _rows(tmp_path / "p" / "unlocalized.csv")}["golden.png"] == "template"
+
+
+def test_localize_folder_refuses_overlapping_or_foreign_output(pair_tree, tmp_path):
+    images, golden, _ = pair_tree
+    with pytest.raises(ValueError, match="overlap"):
+        localize_folder(images, golden, images / "patches", LocalizeParams())
+    with pytest.raises(ValueError, match="overlap"):
+        localize_folder(images, golden, golden, LocalizeParams())
+    foreign = tmp_path / "precious"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("x")
+    with pytest.raises(ValueError, match="not a patch folder"):
+        localize_folder(images, golden, foreign, LocalizeParams())
+    assert (foreign / "keep.txt").exists()
+    with pytest.raises(ValueError, match="rule single"):
+        localize_folder(images, golden / "missing.png", tmp_path / "p", LocalizeParams(rule="same-name"))
+
+
+@pytest.mark.data
+def test_real_pairs_through_localize_folder(shared_data, tmp_path):
+    """Three DeepPCB pairs side by side (rule suffix): the crops in boxes.csv find the annotated defects."""
+    import shutil
+
+    data = shared_data / "deeppcb-pairs"
+    truth: dict[str, list[Box]] = {}
+    for row in _rows(data / "boxes.csv"):
+        truth.setdefault(row["image"], []).append(Box(int(row["x1"]), int(row["y1"]), int(row["x2"]), int(row["y2"])))
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    chosen = sorted(truth)[::150][:3]
+    for image in chosen:
+        shutil.copy(data / image, raw)
+        shutil.copy(data / image.replace("_test", "_temp"), raw)
+    result = localize_folder(raw, raw, tmp_path / "patches", LocalizeParams(rule="suffix"))
+    assert result.pairs == 3 and result.templates_excluded == 3 and not result.failures
+    crops: dict[str, list[Box]] = {}
+    for r in _rows(tmp_path / "patches" / "boxes.csv"):
+        crops.setdefault(r["image"], []).append(Box(*(int(r[k]) for k in ("crop_x0", "crop_y0", "crop_x1", "crop_y1"))))
+    found = total = 0
+    for image in chosen:
+        for gt in truth[image]:
+            cx, cy = (gt.x1 + gt.x2) / 2, (gt.y1 + gt.y2) / 2
+            total += 1
+            found += any(c.x1 <= cx < c.x2 and c.y1 <= cy < c.y2 for c in crops.get(Path(image).name, []))
+    assert total >= 9 and found / total >= 0.9
