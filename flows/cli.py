@@ -60,19 +60,40 @@ def run(
     overrides: Annotated[
         list[str] | None, typer.Option("--set", help="Override one parameter, e.g. --set embed.epochs=5.")
     ] = None,
+    templates: Annotated[
+        Path | None,
+        typer.Option(
+            help="Defect-free templates: each image is compared with its template and the defect patches cut from "
+            "it are labelled instead of the whole image. Pairing (--set localize.rule=...): same-name (default) = "
+            "TEMPLATES/<image path relative to --images>; suffix = <stem>_test.<ext> pairs with <stem>_temp.<ext> "
+            "in the same sub-folder of TEMPLATES (pass --images itself when they sit side by side; templates are "
+            "never labelled); single = TEMPLATES is one golden image for all. Images without a usable template "
+            "are labelled whole (localize.unpaired=passthrough) or skipped (skip); every one is listed in "
+            "WS/results/localize/unlocalized.csv. --labels paths then name patches (see boxes.csv there)."
+        ),
+    ] = None,
 ) -> None:
     """Run the retrain flow and publish a label set; the last line printed is the label set's path."""
     from tasks.config import ParamsError, load_params
 
     params_file = params if params is not None else (Path("params.yaml") if Path("params.yaml").is_file() else None)
     try:
-        load_params(params_file, overrides)  # fail on bad params before anything starts
+        resolved = load_params(params_file, overrides)  # fail on bad params before anything starts
     except ParamsError as exc:
         _fail(str(exc))
     if not images.is_dir():
         _fail(f"image folder not found: {images}")
     if labels is not None and not labels.is_file():
         _fail(f"labels file not found: {labels}")
+    if templates is not None:
+        from tasks.localize import check_templates
+
+        if images is None:
+            _fail("--templates needs --images: the raw images the templates belong to")
+        try:
+            check_templates(templates, images, resolved.localize.rule)
+        except ValueError as exc:
+            _fail(f"--templates: {exc}")
     environment.configure(workspace)
     from flows.retrain import retrain
 
@@ -83,6 +104,7 @@ def run(
             labels=str(labels.resolve()) if labels else None,
             params_file=str(params_file.resolve()) if params_file else None,
             overrides=list(overrides or []),
+            templates=str(templates.resolve()) if templates else None,
         )
     except Exception as exc:  # every failure ends in one clear line; the traceback is in the Prefect log
         _fail(f"{type(exc).__name__}: {exc}", code=1)

@@ -45,6 +45,7 @@ evaluate_task = _task(stages.run_evaluate, "evaluate")
 annotate_task = _task(stages.run_annotate, "annotate")
 track_task = _task(stages.run_track, "track", retries=2)
 publish_task = _task(stages.run_publish, "publish")
+localize_task = _task(stages.run_localize, "localize")
 
 
 @task(name="record-dvc-lock", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
@@ -78,6 +79,19 @@ def workspace_lock(ws: Workspace) -> Iterator[None]:
         raise WorkspaceBusyError(f"another run is using the workspace {ws.root}; wait for it or use another") from None
 
 
+def localize_images(ws: Workspace, params: Params, images: str | None, templates: str | None) -> str | None:
+    """With templates, cut defect patches from the raw images and return the patch folder (what the run versions
+    and labels); without, return ``images`` and forget an earlier run's patches when new raw images come in."""
+    if templates is None:
+        if images is not None:
+            stages.clear_localize(ws)
+        return images
+    if images is None:
+        raise ValueError("templates need the raw images they belong to (images)")
+    localize_task(ws, params, Path(images), Path(templates))
+    return str(ws.localized)
+
+
 @flow(name="retrain", log_prints=True)
 def retrain(
     images: str,
@@ -85,12 +99,14 @@ def retrain(
     labels: str | None = None,
     params_file: str | None = None,
     overrides: list[str] | None = None,
+    templates: str | None = None,
 ) -> str:
     """Train on a folder of images and publish a label set; returns the label set's path."""
     log.setLevel(logging.INFO)
     params = load_params(Path(params_file) if params_file else None, overrides)
     ws = Workspace.at(workspace)
     with workspace_lock(ws):
+        images = localize_images(ws, params, images, templates)
         return _retrain(ws, Path(images), Path(labels) if labels else None, params)
 
 
@@ -106,6 +122,8 @@ def _retrain(ws: Workspace, images: Path, labels: Path | None, params: Params) -
         tags=lineage_tags(data, code, params),
     )
     try:
+        if (ws.stage_dir("localize") / "metrics.json").is_file():  # the images are defect patches (templates)
+            tracking.log_metrics(ws, run_id, "localize", ws.read_json("localize"))
         metrics = validate_task(ws, params)
         tracking.log_metrics(ws, run_id, "validate", metrics)
         index = pd.read_csv(ws.stage_dir("validate") / "stats.csv", usecols=["image", "file_sha256"])

@@ -309,12 +309,17 @@ def run_publish(ws: Workspace, params: Params, context: dict[str, Any]) -> Path:
     truth = _ground_truth(ws, list(rows["image"]))
     models = context.get("models", {})
     evaluate_metrics = ws.read_json("evaluate")
+    localize = ws.read_json("localize") if (ws.stage_dir("localize") / "metrics.json").is_file() else None
 
     def write_files(folder: Path) -> None:
         (folder / "labels.csv").write_bytes(labels_csv)
         review.to_csv(folder / "review_queue.csv", index=False)
         if ws.human.is_dir():
             shutil.copytree(ws.human, folder / "human", ignore=shutil.ignore_patterns("README*", "superseded"))
+        if localize is not None:  # the images are defect patches: patch -> source image, template and boxes
+            (folder / "localize").mkdir()
+            for name in ("boxes.csv", "unlocalized.csv"):
+                shutil.copyfile(ws.stage_dir("localize") / name, folder / "localize" / name)
         (folder / "montages").mkdir()
         for c, group in assignments.groupby("cluster"):
             nearest = group.sort_values("distance").index[: params.publish.montage_size]
@@ -361,6 +366,7 @@ def run_publish(ws: Workspace, params: Params, context: dict[str, Any]) -> Path:
         },
         "code": context["code"],
         "data": data,
+        **({"localize": {**localize, "boxes": "localize/boxes.csv"}} if localize is not None else {}),
         "quality": {
             "suite": params.validate.suite,
             "suite_sha256": suite_digest(params.validate.suite),
@@ -381,3 +387,62 @@ def run_publish(ws: Workspace, params: Params, context: dict[str, Any]) -> Path:
     log.info("publish: %s %s", "wrote" if created else "already published, unchanged:", path)
     ws.write_json("publish", {"labelset_id": set_id, "path": str(path), "created": created}, name="labelset.json")
     return path
+
+
+def run_localize(ws: Workspace, params: Params, raw_images: Path, templates: Path | None) -> dict[str, Any]:
+    """Raw inspection images + defect-free templates → defect patches in ``ws.localized``.
+
+    The version step then versions that folder as the run's images. ``results/localize/`` keeps the lineage:
+    ``boxes.csv`` (patch → source image, template, boxes), ``unlocalized.csv`` (every image that gave no defect
+    patch, and why) and ``metrics.json``; the label set carries the first two and the manifest the metrics.
+
+    Raises:
+        FileNotFoundError: a missing image folder. ValueError: templates that do not fit ``localize.rule``, raw
+        images inside the workspace, or nothing to label at all.
+    """
+    import shutil
+
+    from tasks.localize import localize_folder
+
+    raw = Path(raw_images).resolve()
+    if ws.root == raw or ws.root in raw.parents:
+        raise ValueError(f"the image folder {raw} must not be inside the workspace {ws.root}")
+    tpl = Path(templates).resolve() if templates is not None else None
+    ws.root.mkdir(parents=True, exist_ok=True)
+    gitignore = ws.root / ".gitignore"  # the patches are versioned by DVC (as data/images), never by git
+    text = gitignore.read_text() if gitignore.is_file() else ""
+    if "/localized/" not in text.splitlines():
+        gitignore.write_text(text + ("\n" if text and not text.endswith("\n") else "") + "/localized/\n")
+    result = localize_folder(raw, tpl, ws.localized, params.localize, log=log.info)
+    out = ws.stage_dir("localize")
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("boxes.csv", "unlocalized.csv"):
+        shutil.copyfile(ws.localized / name, out / name)
+    metrics = {
+        **result.as_dict(),
+        "images_root": str(raw),
+        "templates": str(tpl) if tpl else None,
+        "rule": params.localize.rule,
+        "unpaired": params.localize.unpaired,
+    }
+    ws.write_json("localize", metrics)
+    log.info(
+        "localize: %d images, %d pairs → %d defect patches, %d whole images, %d skipped, %d failures",
+        result.images,
+        result.pairs,
+        result.patches,
+        result.whole,
+        result.skipped,
+        len(result.failures),
+    )
+    if result.patches + result.whole == 0:
+        raise ValueError(f"nothing to label: no defect patch and no whole image from {raw}; see {out}/unlocalized.csv")
+    return metrics
+
+
+def clear_localize(ws: Workspace) -> None:
+    """Forget an earlier run's patches and localisation lineage (a run that versions raw images without templates)."""
+    import shutil
+
+    for folder in (ws.stage_dir("localize"), ws.localized):
+        shutil.rmtree(folder, ignore_errors=True)

@@ -179,7 +179,7 @@ def version_data(ws: Workspace, images: Path, labels: Path | None, remote: str |
     images = Path(images).resolve()
     if not images.is_dir():
         raise FileNotFoundError(f"image folder not found: {images}")
-    if ws.root == images or ws.root in images.parents:
+    if (ws.root == images or ws.root in images.parents) and images != ws.localized:
         raise ValueError(f"the image folder {images} must not be inside the workspace {ws.root}")
     url = init_workspace(ws, remote)
     found = mirror_images(images, ws.images)

@@ -30,6 +30,12 @@ class Workspace:
         return self.root / "data" / "images"
 
     @property
+    def localized(self) -> Path:
+        """Defect patches cut from raw images by ``autolabel run --templates``: what the version step then mirrors
+        into ``images`` (outside ``data/``, so git never sees the patches; DVC versions them as ``data/images``)."""
+        return self.root / "localized"
+
+    @property
     def rejected(self) -> Path:
         """Image files of the input folder that were not copied (e.g. symlinks leaving it), with reasons."""
         return self.root / "data" / "rejected.csv"
