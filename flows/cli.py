@@ -167,7 +167,7 @@ def stage(
         if name != "publish":
             getattr(stages, f"run_{name}")(ws, params)
             return
-        data = {**versioning.current_data_version(ws), "remote": versioning.dvc(["remote", "list"], ws.root).strip()}
+        data = {**versioning.current_data_version(ws), "remote": versioning.recorded_remote(ws)}
         code = versioning.code_version()
         run_id = tracking.start_run(
             ws,

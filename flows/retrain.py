@@ -23,6 +23,7 @@ from prefect.runtime import deployment, flow_run
 
 from tasks import stages, tracking, versioning
 from tasks.config import Params, load_params, write_params
+from tasks.preflight import before_work
 from tasks.workspace import Workspace
 
 log = logging.getLogger("autolabel")
@@ -106,6 +107,7 @@ def retrain(
     params = load_params(Path(params_file) if params_file else None, overrides)
     ws = Workspace.at(workspace)
     with workspace_lock(ws):
+        before_work(ws, params)  # services answer (else stop before any work); a killed run's leftovers closed
         images = localize_images(ws, params, images, templates)
         return _retrain(ws, Path(images), Path(labels) if labels else None, params)
 

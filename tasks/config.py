@@ -31,6 +31,9 @@ class BaseParams(_Section):
 class VersionParams(_Section):
     remote: str | None = Field(None, description="DVC remote URL; default: <workspace>/dvc-remote (a local dir).")
     push: bool = True
+    retries: int = Field(3, ge=0, le=10, description="Retries of the remote's reachability check before any work.")
+    backoff: float = Field(1.0, ge=0.0, le=60.0, description="Seconds before the first retry, doubling after each.")
+    timeout: float = Field(10.0, gt=0.0, le=600.0, description="Seconds one reachability check may take.")
 
 
 class ValidateParams(_Section):
@@ -228,6 +231,11 @@ class PublishParams(_Section):
 class TrackParams(_Section):
     experiment: str = "aoi-autolabel"
     model_prefix: str = Field("aoi-autolabel", description="Registered models: <prefix>-embedder, -clusterer.")
+    retries: int = Field(
+        3, ge=0, le=10, description="Retries of a tracking-server request (health check and MLflow's own requests)."
+    )
+    backoff: float = Field(1.0, ge=0.0, le=60.0, description="Seconds before the first retry, doubling after each.")
+    timeout: float = Field(10.0, gt=0.0, le=600.0, description="Seconds one request to the tracking server may take.")
 
 
 class Params(_Section):
@@ -250,8 +258,15 @@ class Params(_Section):
         return self.validate_
 
     def as_dict(self) -> dict[str, Any]:
-        """Plain, JSON-ready dict with the same keys as params.yaml."""
-        return self.model_dump(mode="json", by_alias=True)
+        """Plain, JSON-ready dict with the same keys as params.yaml, credentials in URLs masked (``***``).
+
+        This is what gets recorded (MLflow params, manifests, the workspace's params.yaml) and hashed: a password
+        in ``version.remote`` is never written, and changing it does not change a label set's id. Code that needs
+        the real value reads the attribute (``params.version.remote``).
+        """
+        from tasks.secrets import redact_obj
+
+        return redact_obj(self.model_dump(mode="json", by_alias=True))
 
     def digest(self) -> str:
         """sha256 of the canonical JSON of the resolved params (the `params_hash` in lineage)."""

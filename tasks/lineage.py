@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.publishing import sha256_file
+from tasks.secrets import is_masked, redact, unmask
 
 
 class LabelSetError(ValueError):
@@ -129,7 +130,7 @@ def verify(labelset: Path, check_remote: bool = True) -> Verification:
     result.checked.append(f"{len(files)} file checksums")
     _verify_mlflow(m, result)
     if check_remote:
-        _verify_remote(m, result)
+        _verify_remote(m, result, labelset)
     return result
 
 
@@ -143,6 +144,12 @@ def _verify_mlflow(m: dict[str, Any], result: Verification) -> None:
     if not uri or not run_id:
         result.problems.append("manifest names no MLflow run")
         return
+    if is_masked(uri):  # recorded without its password: the user's environment holds the real URI
+        real = unmask(uri, [os.environ.get("MLFLOW_TRACKING_URI")])
+        if real is None:
+            result.problems.append(f"the tracking URI {uri} is recorded masked: set MLFLOW_TRACKING_URI to verify")
+            return
+        uri = real
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     try:
         run = client.get_run(run_id)
@@ -187,20 +194,39 @@ def _dvc(args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-def _verify_remote(m: dict[str, Any], result: Verification) -> None:
+def _real_remote(labelset: Path, remote: str) -> str | None:
+    """The remote URL with its credentials: a masked one is looked up in the DVC config of the label set's
+    workspace (``.dvc/config.local`` keeps the password, see ``tasks.versioning``)."""
+    if not is_masked(remote):
+        return remote
+    dvc_dir = Path(labelset).resolve().parents[1] / ".dvc"
+    if not dvc_dir.is_dir():
+        return None
+    from dvc.config import Config
+
+    config = Config(dvc_dir=str(dvc_dir), validate=False)
+    urls = [r.get("url") for level in ("local", "repo") for r in config.load_one(level).get("remote", {}).values()]
+    return unmask(remote, urls)
+
+
+def _verify_remote(m: dict[str, Any], result: Verification, labelset: Path) -> None:
     data = m.get("data", {})
     md5, nfiles, remote = data.get("md5"), int(data.get("nfiles") or 0), data.get("remote")
     if not md5 or not remote:
         result.problems.append("manifest names no data version or DVC remote")
         return
+    recorded, remote = remote, _real_remote(labelset, remote)
+    if remote is None:
+        result.problems.append(f"the DVC remote {recorded} is recorded masked and its workspace's DVC config is gone")
+        return
     with remote_repo(remote, md5, nfiles) as root:
         # `dvc status --cloud` does not notice a single missing object: fetch every object for real instead
         proc = _dvc(["fetch", "images.dvc"], root)
         if proc.returncode != 0:
-            detail = " ".join((proc.stderr + proc.stdout).split())[-300:]
-            result.problems.append(f"data version {md5} cannot be fetched from the DVC remote {remote}: {detail}")
+            detail = redact(" ".join((proc.stderr + proc.stdout).split())[-300:])
+            result.problems.append(f"data version {md5} cannot be fetched from the DVC remote {recorded}: {detail}")
         else:
-            result.checked.append(f"data version {md5} ({nfiles} files) fetched from {remote}")
+            result.checked.append(f"data version {md5} ({nfiles} files) fetched from {recorded}")
 
 
 def restore(labelset: Path, to: Path) -> dict[str, Any]:
@@ -217,10 +243,14 @@ def restore(labelset: Path, to: Path) -> dict[str, Any]:
     if to.exists() and any(to.iterdir()):
         raise FileExistsError(f"{to} exists and is not empty")
     data = m["data"]
-    with remote_repo(data["remote"], data["md5"], int(data["nfiles"])) as root:
+    remote = _real_remote(labelset, data["remote"])
+    if remote is None:
+        raise RuntimeError(f"the DVC remote {data['remote']} is recorded masked and its workspace's DVC config is gone")
+    with remote_repo(remote, data["md5"], int(data["nfiles"])) as root:
         proc = _dvc(["pull", "-q", "images.dvc"], root)
         if proc.returncode != 0:
-            raise RuntimeError(f"could not fetch data version {data['md5']} from {data['remote']}: {proc.stderr}")
+            detail = redact(proc.stderr)
+            raise RuntimeError(f"could not fetch data version {data['md5']} from {data['remote']}: {detail}")
         to.parent.mkdir(parents=True, exist_ok=True)
         if to.exists():
             to.rmdir()

@@ -58,8 +58,9 @@ def _make_read_only(folder: Path) -> None:
     folder.chmod(folder.stat().st_mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
 
 
-def _remove_stale_temps(labelsets: Path) -> None:
-    """Delete temporary folders left by crashed publishes (their process is gone)."""
+def remove_stale_temps(labelsets: Path) -> list[Path]:
+    """Delete temporary folders left by crashed publishes (their process is gone); return them."""
+    removed = []
     for tmp in labelsets.glob(".tmp-*"):
         pid = tmp.name.split("-")[1]
         if pid.isdigit() and Path(f"/proc/{pid}").exists() and int(pid) != os.getpid():
@@ -68,6 +69,8 @@ def _remove_stale_temps(labelsets: Path) -> None:
             path.chmod(0o755 if path.is_dir() else 0o644)
         tmp.chmod(0o755)
         shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
 
 
 def publish(
@@ -83,7 +86,7 @@ def publish(
     and ``created`` is False.
     """
     labelsets.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(labelsets)
+    remove_stale_temps(labelsets)
     final = labelsets / set_id
     if final.exists():
         return final, False

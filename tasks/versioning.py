@@ -20,6 +20,8 @@ from typing import Any
 import yaml
 
 from tasks.datasets import Discovery, discover
+from tasks.retry import Backoff, retry
+from tasks.secrets import MASK, redact, redact_url, unmask
 from tasks.workspace import PROJECT_ROOT, Workspace
 
 _GIT_ENV = {
@@ -84,9 +86,9 @@ def _run(cmd: list[str], cwd: Path, retries: int = 0) -> str:
             continue
         if "Unable to acquire lock" in output:
             raise VersioningError(
-                f"DVC repository in {cwd} is locked by another process (another run in this workspace?): {output}"
+                redact(f"DVC repository in {cwd} is locked by another process (another run here?): {output}")
             )
-        raise VersioningError(f"`{' '.join(cmd)}` failed in {cwd} (exit {proc.returncode}):\n{output}")
+        raise VersioningError(redact(f"`{' '.join(cmd)}` failed in {cwd} (exit {proc.returncode}):\n{output}"))
     raise AssertionError("unreachable")
 
 
@@ -115,8 +117,114 @@ def code_version(root: Path = PROJECT_ROOT) -> dict[str, Any]:
     return {"git_commit": commit, "git_dirty": dirty, "package_version": pkg_version}
 
 
+def _remote_urls(ws: Workspace) -> dict[str, str | None]:
+    """The ``storage`` remote's URL at DVC's ``repo`` (.dvc/config, in git) and ``local`` (.dvc/config.local,
+    git-ignored) levels."""
+    from dvc.config import Config
+
+    config = Config(dvc_dir=str(ws.root / ".dvc"), validate=False)
+    levels = ("repo", "local")
+    return {level: config.load_one(level).get("remote", {}).get("storage", {}).get("url") for level in levels}
+
+
+def _set_remote(ws: Workspace, url: str) -> str:
+    """Make ``url`` the default remote ``storage`` (other options of the remote, e.g. ``endpointurl``, are kept).
+
+    A URL with a password goes to ``.dvc/config.local`` only (git-ignored, where DVC keeps credentials), its
+    masked form to ``.dvc/config``. A masked URL (from a workspace's recorded params.yaml) keeps the real one
+    already in config.local. Written through DVC's config API, so no password is ever on a command line.
+    Returns the URL as recorded (masked).
+    """
+    from dvc.config import Config
+
+    masked = redact_url(url)
+    current = _remote_urls(ws)
+    if MASK in url:
+        url = unmask(url, [current["local"], current["repo"]]) or ""
+        if not url:
+            raise VersioningError(
+                f"the DVC remote {masked} has a masked password and the workspace's .dvc/config.local has no "
+                "matching URL: give the URL with its password in a params file or in DVC's config.local"
+            )
+    config = Config(dvc_dir=str(ws.root / ".dvc"), validate=False)
+    with config.edit("repo") as conf:
+        conf["remote"].setdefault("storage", {})["url"] = masked
+        conf["core"]["remote"] = "storage"
+    if url != masked or current["local"]:
+        with config.edit("local") as conf:
+            if url != masked:
+                conf["remote"].setdefault("storage", {})["url"] = url
+            else:  # a password-free URL replaces an earlier one that had a password
+                conf.get("remote", {}).get("storage", {}).pop("url", None)
+    return masked
+
+
+def recorded_remote(ws: Workspace) -> str:
+    """The workspace's default remote URL as recorded (credentials masked), for drivers with no version step."""
+    urls = _remote_urls(ws)
+    url = urls["local"] or urls["repo"]
+    if not url:
+        raise VersioningError(f"{ws.root} has no DVC remote 'storage': run `autolabel run` first")
+    return redact_url(url)
+
+
+def check_remote(ws: Workspace, remote: str | None, retries: int, backoff: float, timeout: float) -> None:
+    """Before any work: the DVC remote can be reached (a TCP connection to its endpoint, or a writable folder).
+
+    Endpoints: http(s)/ssh/webdav URLs name theirs; ``s3://`` uses ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL`` or
+    the remote's ``endpointurl`` in the workspace's DVC config, else AWS; other schemes are not checked here (DVC's
+    own errors then name them).
+
+    Raises:
+        ServiceUnavailableError: "DVC remote <url> [(endpoint ...)] is unreachable after N attempts over S s: ...".
+    """
+    import socket
+    import tempfile
+    from urllib.parse import urlsplit
+
+    url = remote or str(ws.dvc_remote)
+    if MASK in url and (ws.root / ".dvc").is_dir():
+        url = unmask(url, _remote_urls(ws).values()) or url
+    scheme = urlsplit(url).scheme.lower() if "://" in url else ""
+    service = f"DVC remote {redact_url(url)}"
+    policy = Backoff(attempts=retries + 1, first=backoff)
+    if scheme in ("", "file"):
+        folder = Path(urlsplit(url).path if scheme else url)
+        if not folder.is_absolute():
+            folder = ws.root / folder
+
+        def writable() -> None:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".autolabel-check-"):
+                pass
+
+        retry(writable, service, policy)
+        return
+    endpoint = url
+    if scheme == "s3":
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+        if not endpoint and (ws.root / ".dvc").is_dir():
+            from dvc.config import Config
+
+            options = Config(dvc_dir=str(ws.root / ".dvc"), validate=False).load_one("local")
+            endpoint = options.get("remote", {}).get("storage", {}).get("endpointurl") or ""
+        endpoint = endpoint or "https://s3.amazonaws.com"
+        service += f" (endpoint {redact_url(endpoint)})"
+    elif scheme not in ("http", "https", "webdav", "webdavs", "ssh", "sftp"):
+        return
+    parts = urlsplit(endpoint)
+    default_port = {"http": 80, "webdav": 80, "ssh": 22, "sftp": 22}.get(parts.scheme.lower(), 443)
+    address = (parts.hostname or "", parts.port or default_port)
+
+    def connect() -> None:
+        socket.create_connection(address, timeout=timeout).close()
+
+    retry(connect, service, policy)
+
+
 def init_workspace(ws: Workspace, remote: str | None) -> str:
-    """Make ``ws`` a git + DVC repo with a default remote (idempotent); return the remote URL."""
+    """Make ``ws`` a git + DVC repo with a default remote (idempotent); return the remote URL as recorded
+    (credentials masked, see :func:`_set_remote`)."""
     ws.root.mkdir(parents=True, exist_ok=True)
     if not (ws.root / ".git").exists():
         git(["init", "-q", "-b", "main"], ws.root)
@@ -129,7 +237,7 @@ def init_workspace(ws: Workspace, remote: str | None) -> str:
     url = remote or str(ws.dvc_remote)
     if not remote:
         ws.dvc_remote.mkdir(exist_ok=True)
-    dvc(["remote", "add", "--force", "--default", "storage", url], ws.root)
+    url = _set_remote(ws, url)
     shutil.copyfile(PROJECT_ROOT / "dvc.yaml", ws.root / "dvc.yaml")
     ws.human.mkdir(exist_ok=True)
     readme = ws.human / "README.md"
