@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO_N ?= 2000
 
-.PHONY: install demo test lint lock clean-demo bench-quality
+.PHONY: install demo test lint lock clean-demo bench-quality bench-perf
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ test: install  ## the whole test suite (pytest's "no tests collected", exit 5, i
 
 bench-quality: install  ## cluster quality of every embedding/clustering method on DeepPCB patches (QUICK=1: subset)
 	$(BIN)/python bench/quality.py $(if $(QUICK),--quick)
+
+bench-perf: install  ## throughput, overhead, memory, clustering scale, refresh cost (QUICK=1: 2k/10k sizes; full ~40 min)
+	$(BIN)/python bench/perf.py $(if $(QUICK),--quick)
 
 lint: install
 	$(BIN)/ruff check flows tasks tests bench

@@ -31,6 +31,11 @@ from sklearn.cluster import KMeans
 from tasks.config import ClusterParams
 
 METHODS = ("kmeans", "scan", "hdbscan", "agglomerative")
+LARGE_N = 50_000
+"""k-means and SCAN are fitted on a seeded sample of this many vectors when there are more, and then every vector is
+assigned by the fitted model (prototypes or head), as ``agglomerative`` does with ``max_fit``. SCAN's exact nearest
+neighbours cost n**2: 100k vectors took minutes, 1M would take hours (bench/perf.py, "Performance" in
+bench/RESULTS.md); a sample this large still gives each of a few dozen clusters hundreds of members."""
 
 
 @dataclass
@@ -143,6 +148,7 @@ def _pca(x: np.ndarray, dims: int, seed: int) -> np.ndarray:
 def knn_indices(x: np.ndarray, k: int, chunk: int = 2048) -> np.ndarray:
     """Indices of the ``k`` nearest neighbours (cosine, self excluded) of L2-normalised rows, in chunks."""
     k = min(k, len(x) - 1)
+    chunk = max(1, min(chunk, (1 << 24) // len(x)))  # block + argpartition temporaries ~256 MB whatever n
     out = np.empty((len(x), k), np.int64)
     for i in range(0, len(x), chunk):
         sim = x[i : i + chunk] @ x.T
@@ -286,18 +292,23 @@ def cluster(vectors: np.ndarray, params: ClusterParams, seed: int) -> Clustering
     info: dict[str, Any] = {}
     method = params.method
     if method in ("kmeans", "scan"):
+        fit = x
+        if n > LARGE_N:  # fit on a sample, assign all (see LARGE_N)
+            fit = x[np.sort(np.random.default_rng(seed).choice(n, size=LARGE_N, replace=False))]
+            info["fit_sample"] = LARGE_N
         if params.k == 0:
-            k, scores = choose_k(x, params.k_min, min(params.k_max, n - 1), params.n_init, seed)
+            k, scores = choose_k(fit, params.k_min, min(params.k_max, len(fit) - 1), params.n_init, seed)
             info["k_scores"] = scores
         else:
             k = min(params.k, n)
-        labels = _kmeans(x, k, params.n_init, seed)
+        labels = _kmeans(fit, k, params.n_init, seed)
         if method == "scan" and k >= 2:
-            head, scan_info = _scan(x, k, params, seed, labels)
+            head, scan_info = _scan(fit, k, params, seed, labels)
             info.update(scan_info)
-            labels = _head_probs(head, x).argmax(axis=1)
-            model = ClusterModel(method, _prototypes(x, labels, k), mean, head=head, info=info)
+            labels = _head_probs(head, fit).argmax(axis=1)
+            model = ClusterModel(method, _prototypes(fit, labels, k), mean, head=head, info=info)
             return assign(model, vectors)
+        return assign(ClusterModel(method, _prototypes(fit, labels, k), mean, info=info), vectors)
     elif method == "hdbscan":
         from sklearn.cluster import HDBSCAN
 
