@@ -47,7 +47,13 @@ def synth(
 
 @app.command()
 def run(
-    images: Annotated[Path, typer.Option(help="Folder of images (searched recursively).")],
+    images: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of images (searched recursively). Omit it to retrain on the workspace's own data: "
+            "its last image folder plus every batch `autolabel refresh` added, with the workspace's params.yaml."
+        ),
+    ] = None,
     labels: Annotated[
         Path | None, typer.Option(help="Ground-truth CSV (path,label; paths relative to --images).")
     ] = None,
@@ -81,7 +87,7 @@ def run(
         resolved = load_params(params_file, overrides)  # fail on bad params before anything starts
     except ParamsError as exc:
         _fail(str(exc))
-    if not images.is_dir():
+    if images is not None and not images.is_dir():
         _fail(f"image folder not found: {images}")
     if labels is not None and not labels.is_file():
         _fail(f"labels file not found: {labels}")
@@ -99,7 +105,7 @@ def run(
 
     try:
         path = retrain(
-            images=str(images.resolve()),
+            images=str(images.resolve()) if images else None,
             workspace=str(workspace),
             labels=str(labels.resolve()) if labels else None,
             params_file=str(params_file.resolve()) if params_file else None,
@@ -145,12 +151,71 @@ def _summary(workspace: Path, path: Path) -> None:
 
 
 @app.command()
+def refresh(
+    images: Annotated[Path, typer.Option(help="Folder of the new batch of images (searched recursively).")],
+    workspace: Annotated[Path, typer.Option(help="A workspace trained by `autolabel run`.")] = Path("workspace"),
+    batch: Annotated[
+        str | None, typer.Option(help="Batch name (default: a content id, so the same batch is recognised).")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Override one parameter, e.g. --set refresh.max_psi=0.5.")
+    ] = None,
+    no_retrain: Annotated[bool, typer.Option("--no-retrain", help="Report drift but never trigger a retrain.")] = False,
+) -> None:
+    """Label a new batch with the @champion models (no training); retrain when it has drifted.
+
+    The batch is versioned with DVC beside the training data (data/batches/<id>), checked with the same quality
+    suite, embedded and assigned by the registry's champion embedder and clusterer, and published as an
+    incremental label set. Drift beyond params.yaml's `refresh` limits triggers the retrain flow on all the data.
+    """
+    import json
+
+    from tasks.config import ParamsError, load_params
+    from tasks.workspace import Workspace
+
+    ws = Workspace.at(workspace)
+    try:
+        load_params(ws.params if ws.params.is_file() else None, overrides)
+    except ParamsError as exc:
+        _fail(str(exc))
+    if not images.is_dir():
+        _fail(f"image folder not found: {images}")
+    environment.configure(workspace)
+    from flows.refresh import refresh as refresh_flow
+
+    try:
+        result = refresh_flow(
+            images=str(images.resolve()),
+            workspace=str(workspace),
+            batch=batch,
+            overrides=list(overrides or []),
+            allow_retrain=not no_retrain,
+        )
+    except Exception as exc:
+        _fail(f"{type(exc).__name__}: {exc}", code=1)
+    if result.get("skipped"):
+        console.print(f"nothing to do: {result['skipped']}", highlight=False, soft_wrap=True)
+        return
+    d = result["drift"]
+    console.print(
+        f"\n[bold green]Batch {result['batch_id']} labelled[/] with the @champion models\n"
+        f"  drift: far share {d['far_share']:.3f}, PSI {d['psi']:.3f}, mean shift {d['mean_shift']:.3f} -> "
+        f"{'DRIFT: ' + '; '.join(d['reasons']) if d['drifted'] else 'no drift'}\n"
+        + (f"  retrained: {result['retrain_labelset']}\n" if result.get("retrain_labelset") else ""),
+        highlight=False,
+        soft_wrap=True,
+    )
+    print(json.dumps({k: v for k, v in result.items() if k != "drift"}))
+    print(result["labelset"])
+
+
+@app.command()
 def stage(
     name: Annotated[str, typer.Argument(help="validate | standardize | embed | cluster | evaluate | publish")],
     workspace: Annotated[Path, typer.Option(help="Workspace folder (dvc repro runs this in it).")] = Path("."),
 ) -> None:
     """Run one pipeline stage in a workspace, reading its params.yaml (what dvc.yaml's stages call)."""
-    from tasks import stages, tracking, versioning
+    from tasks import champion, stages, tracking, versioning
     from tasks.config import ParamsError, load_params
     from tasks.workspace import STAGES, Workspace
 
@@ -179,6 +244,7 @@ def stage(
         for s in STAGES[:-1]:
             tracking.log_metrics(ws, run_id, s, ws.read_json(s))
         models = stages.run_track(ws, params, run_id)
+        models = champion.record(ws, run_id, champion.gate(ws, params, models), models)
         context = stages.publish_context(ws, params, run_id, data, code, models)
         path = stages.run_publish(ws, params, context)
         tracking.log_artifacts(ws, run_id, path, f"labelset/{path.name}")
@@ -382,6 +448,49 @@ def simulate_cmd(
         highlight=False,
     )
     print(metrics_path)
+
+
+@app.command("deploy")
+def deploy_cmd(
+    inbox: Annotated[Path, typer.Option(help="Folder where new batches arrive: the nightly refresh labels it.")],
+    workspace: Annotated[Path, typer.Option(help="The workspace both deployments work in.")] = Path("workspace"),
+    pool: Annotated[str, typer.Option(help="Prefect work pool (type process; created if missing).")] = "autolabel",
+    refresh_cron: Annotated[str, typer.Option(help="Cron of refresh-nightly.")] = "0 2 * * *",
+    retrain_cron: Annotated[str, typer.Option(help="Cron of retrain-weekly.")] = "0 3 * * 0",
+    timezone: Annotated[str, typer.Option(help="Time zone of both crons (IANA name).")] = "UTC",
+    pool_concurrency: Annotated[
+        int, typer.Option(min=0, help="Concurrency limit of a new pool (1: runs wait for each other; 0: none).")
+    ] = 1,
+    overrides: Annotated[
+        list[str] | None, typer.Option("--set", help="Parameter override passed to every scheduled run.")
+    ] = None,
+) -> None:
+    """Register refresh-nightly and retrain-weekly on a Prefect server (PREFECT_API_URL) for a process worker.
+
+    Start the worker on this machine, in an environment with the services' settings (source RUN_DIR/env.sh):
+    `prefect worker start --pool autolabel --type process`. Same deployments as infra/prefect.yaml.
+    """
+    if not os.environ.get("PREFECT_API_URL"):
+        _fail("deployments need a Prefect server: set PREFECT_API_URL (source RUN_DIR/env.sh after infra/local/up.sh)")
+    environment.configure(None)
+    from flows import deploy
+
+    try:
+        ids = deploy.register(
+            inbox,
+            workspace,
+            pool=pool,
+            refresh_cron=refresh_cron,
+            retrain_cron=retrain_cron,
+            timezone=timezone,
+            overrides=list(overrides or []),
+            pool_concurrency=pool_concurrency,
+        )
+    except Exception as exc:
+        _fail(f"{type(exc).__name__}: {exc}", code=1)
+    for name, deployment_id in ids.items():
+        console.print(f"registered {name} on pool {pool}", highlight=False)
+        print(f"{name} {deployment_id}")
 
 
 def main() -> None:

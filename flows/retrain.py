@@ -21,7 +21,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import deployment, flow_run
 
-from tasks import stages, tracking, versioning
+from tasks import champion, parallel, stages, tracking, versioning
 from tasks.config import Params, load_params, write_params
 from tasks.preflight import before_work
 from tasks.workspace import Workspace
@@ -61,6 +61,11 @@ def record_lock_task(ws: Workspace, push: bool) -> str:
     return versioning.git(["rev-parse", "HEAD"], ws.root).strip()
 
 
+def mapper(params: Params, name: str) -> parallel.Mapper | None:
+    """The parallel stages' chunks go to the task runner of ``params.runner`` (None: in-process, serial)."""
+    return parallel.prefect_mapper(params.runner, name) if params.runner.kind == "dask" else None
+
+
 def lineage_tags(data: dict[str, Any], code: dict[str, Any], params: Params) -> dict[str, str]:
     """The lineage tags of a run inside a Prefect flow (flow-run and deployment ids from Prefect's runtime)."""
     deployment_id = deployment.get_id()
@@ -95,24 +100,30 @@ def localize_images(ws: Workspace, params: Params, images: str | None, templates
 
 @flow(name="retrain", log_prints=True)
 def retrain(
-    images: str,
+    images: str | None = None,
     workspace: str = "workspace",
     labels: str | None = None,
     params_file: str | None = None,
     overrides: list[str] | None = None,
     templates: str | None = None,
 ) -> str:
-    """Train on a folder of images and publish a label set; returns the label set's path."""
+    """Train on a folder of images and publish a label set; returns the label set's path.
+
+    Without ``images`` it retrains on the workspace's own data: the last image folder plus every batch a refresh
+    added (what the weekly schedule and a drift-triggered retrain do).
+    """
     log.setLevel(logging.INFO)
-    params = load_params(Path(params_file) if params_file else None, overrides)
     ws = Workspace.at(workspace)
+    if params_file is None and images is None and ws.params.is_file():
+        params_file = str(ws.params)  # retraining the workspace's data: keep its params
+    params = load_params(Path(params_file) if params_file else None, overrides)
     with workspace_lock(ws):
         before_work(ws, params)  # services answer (else stop before any work); a killed run's leftovers closed
         images = localize_images(ws, params, images, templates)
-        return _retrain(ws, Path(images), Path(labels) if labels else None, params)
+        return _retrain(ws, Path(images) if images else None, Path(labels) if labels else None, params)
 
 
-def _retrain(ws: Workspace, images: Path, labels: Path | None, params: Params) -> str:
+def _retrain(ws: Workspace, images: Path | None, labels: Path | None, params: Params) -> str:
     write_params(params, ws.params)
     data = version_task(ws, images, labels, params.version.remote, params.version.push).as_dict()
     code = versioning.code_version()
@@ -126,26 +137,50 @@ def _retrain(ws: Workspace, images: Path, labels: Path | None, params: Params) -
     try:
         if (ws.stage_dir("localize") / "metrics.json").is_file():  # the images are defect patches (templates)
             tracking.log_metrics(ws, run_id, "localize", ws.read_json("localize"))
-        metrics = validate_task(ws, params)
+        metrics = validate_task(ws, params, mapper(params, "image-stats"))
         tracking.log_metrics(ws, run_id, "validate", metrics)
         index = pd.read_csv(ws.stage_dir("validate") / "stats.csv", usecols=["image", "file_sha256"])
         tracking.log_dataset(ws, run_id, index, name="images", source=data["remote"], digest=data["md5"])
-        for stage_task, name in (
-            (standardize_task, "standardize"),
-            (embed_task, "embed"),
-            (cluster_task, "cluster"),
-            (evaluate_task, "evaluate"),
-        ):
-            tracking.log_metrics(ws, run_id, name, stage_task(ws, params))
+        tracking.log_metrics(ws, run_id, "standardize", standardize_task(ws, params))
+        tracking.log_metrics(ws, run_id, "embed", embed_task(ws, params, mapper(params, "embed-chunk")))
+        tracking.log_metrics(ws, run_id, "cluster", cluster_task(ws, params))
+        tracking.log_metrics(ws, run_id, "evaluate", evaluate_task(ws, params))
         retire_cluster_names(ws)
         tracking.log_metrics(ws, run_id, "annotate", annotate_task(ws, params))
         models = track_task(ws, params, run_id)
+        models = gate_and_record(ws, params, run_id, models)
         path = publish_and_record(ws, params, run_id, data, code, models)
     except BaseException:
         tracking.end_run(ws, run_id, "FAILED")
         raise
     tracking.end_run(ws, run_id, "FINISHED")
     return str(path)
+
+
+@task(name="champion-gate", cache_policy=NO_CACHE)
+def gate_task(ws: Workspace, params: Params, models: dict[str, Any]) -> champion.GateDecision:
+    return champion.gate(ws, params, models)
+
+
+def gate_and_record(ws: Workspace, params: Params, run_id: str, models: dict[str, Any]) -> dict[str, Any]:
+    """Run the champion gate, log its decision in MLflow and as a Prefect artifact; return the models' new aliases."""
+    decision = gate_task(ws, params, models)
+    rows = [
+        ("decision", "promoted to @champion" if decision.promoted else "kept the current @champion"),
+        ("reason", decision.reason),
+        ("metric", decision.metric),
+        ("challenger score", decision.challenger_score),
+        ("champion score", decision.champion_score),
+        ("challenger versions", decision.challenger),
+        ("champion before", decision.champion_before),
+        ("images scored", decision.n_images),
+    ]
+    create_markdown_artifact(
+        key="champion-gate",
+        markdown="\n".join(["# Champion gate", "", "| | |", "|---|---|", *(f"| {k} | `{v}` |" for k, v in rows)]),
+        description="Champion/challenger decision of this retrain",
+    )
+    return champion.record(ws, run_id, decision, models)
 
 
 def retire_cluster_names(ws: Workspace) -> None:

@@ -238,6 +238,42 @@ class TrackParams(_Section):
     timeout: float = Field(10.0, gt=0.0, le=600.0, description="Seconds one request to the tracking server may take.")
 
 
+class GateParams(_Section):
+    """Champion/challenger: when a retrain's models replace ``@champion`` (both scored on the same new data)."""
+
+    metric: Literal["auto", "acc", "nmi", "ari", "macro_recall", "silhouette"] = Field(
+        "auto", description="Score compared; auto = nmi with ground-truth labels, else silhouette (internal)."
+    )
+    tolerance: float = Field(
+        0.0, ge=0.0, le=1.0, description="Promote when challenger >= champion - tolerance on the metric."
+    )
+
+
+class RefreshParams(_Section):
+    """New batches assigned with the champion models; drift above these limits triggers a retrain."""
+
+    far_quantile: float = Field(
+        0.99, gt=0.5, lt=1.0, description="An image is 'far' when its distance exceeds this training quantile."
+    )
+    max_far_share: float = Field(0.2, gt=0.0, le=1.0, description="Drift when more new images than this are far.")
+    max_psi: float = Field(
+        0.25, gt=0.0, description="Drift when the cluster-share population stability index exceeds this."
+    )
+    max_mean_shift: float = Field(
+        1.0, gt=0.0, description="Drift when the mean embedding moves more than this many training std (RMS)."
+    )
+    retrain_on_drift: bool = Field(True, description="Run the retrain flow on all workspace data when drift is seen.")
+
+
+class RunnerParams(_Section):
+    """Prefect task runner of the parallel stages (quality stats, embedding inference)."""
+
+    kind: Literal["local", "dask"] = Field("local", description="local = threads in this process; dask = Dask.")
+    address: str | None = Field(None, description="Dask scheduler address; none = a LocalCluster per run.")
+    n_workers: int = Field(2, ge=1, description="LocalCluster workers (one thread each).")
+    chunk: int = Field(512, ge=1, description="Images per parallel task.")
+
+
 class Params(_Section):
     base: BaseParams = BaseParams()
     localize: LocalizeParams = LocalizeParams()
@@ -249,6 +285,9 @@ class Params(_Section):
     annotate: AnnotateParams = AnnotateParams()
     publish: PublishParams = PublishParams()
     track: TrackParams = TrackParams()
+    gate: GateParams = GateParams()
+    refresh: RefreshParams = RefreshParams()
+    runner: RunnerParams = RunnerParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -104,15 +104,21 @@ def lbp_features(images: np.ndarray) -> np.ndarray:
     return np.stack(out).astype(np.float32)
 
 
+_SOBEL_Y = np.array([[[-1, -2, -1], [0, 0, 0], [1, 2, 1]]], np.float32)
+_LAPLACE = np.array([[[0, 1, 0], [1, -4, 1], [0, 1, 0]]], np.float32)
+
+
 def stats_features(images: np.ndarray) -> np.ndarray:
     """Centre-weighted grey-level statistics (mean, std, gradient energy per window) + centre histogram."""
     x = _float(images)
     s = x.shape[1]
     win = _windows(s)
-    gy = ndimage.sobel(x, axis=1, mode="reflect")
-    gx = ndimage.sobel(x, axis=2, mode="reflect")
+    # 2-D kernels on the (N, H, W) stack: ndimage.sobel/laplace would also smooth across the batch axis, making
+    # an image's features depend on its neighbours in the batch
+    gy = ndimage.correlate(x, _SOBEL_Y, mode="reflect")
+    gx = ndimage.correlate(x, _SOBEL_Y.transpose(0, 2, 1), mode="reflect")
     grad = np.hypot(gx, gy) / 4.0
-    lap = np.abs(ndimage.laplace(x, mode="reflect"))
+    lap = np.abs(ndimage.correlate(x, _LAPLACE, mode="reflect"))
     mean = _pooled(x, win)
     sq = _pooled(x * x, win)
     std = np.sqrt(np.maximum(sq - mean**2, 0))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from torch.nn import functional as F
 
 from tasks.config import EmbedParams
 from tasks.descriptors import DESCRIPTORS, describe
+from tasks.parallel import Mapper, spans
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -346,13 +348,21 @@ def _block_names(params: EmbedParams) -> dict[str, float]:
 
 
 def fit_embedder(
-    images: np.ndarray, params: EmbedParams, seed: int, log=None, cache: dict | None = None
+    images: np.ndarray,
+    params: EmbedParams,
+    seed: int,
+    log=None,
+    cache: dict | None = None,
+    mapper: Mapper | None = None,
+    chunk: int = 512,
 ) -> tuple[EmbeddingModel, np.ndarray, FitReport]:
     """Fit ``params.method`` on ``images`` and return the model, the vectors of ``images`` and timings.
 
     Torch blocks are trained (SimCLR) or loaded; every block's standardisation (and PCA for ``raw``) is fitted on
     ``images``. Deterministic for a seed on the CPU (with a fixed thread count). ``cache`` (a dict the caller
     keeps, for the same images, params and seed) lets several combinations share fitted blocks (benchmarks).
+    With a ``mapper`` (:mod:`tasks.parallel`) the features (inference) of chunks of ``chunk`` images are computed
+    by the flow's task runner, e.g. on Dask workers; features are per image, so the vectors do not change.
     """
     images = np.asarray(images)
     names = _block_names(params)
@@ -368,7 +378,7 @@ def fit_embedder(
         if cache is not None and kind in cache:
             block0, feats, seconds, trained = cache[kind]
         else:
-            block0, feats, seconds, trained = _fit_block(kind, images, params, seed, log)
+            block0, feats, seconds, trained = _fit_block(kind, images, params, seed, log, mapper, chunk)
             if cache is not None:
                 cache[kind] = (block0, feats, seconds, trained)
         block = BlockModel(**{**block0.__dict__, "weight": weight})
@@ -394,7 +404,29 @@ def fit_embedder(
     return model, np.concatenate(outputs, 1).astype(np.float32), report
 
 
-def _fit_block(kind: str, images: np.ndarray, params: EmbedParams, seed: int, log=None):
+def _block_features(kind: str, net, images: np.ndarray) -> np.ndarray:
+    return torch_features(net, images) if kind in TORCH_METHODS else describe(kind, images)
+
+
+def _features(kind: str, net, images: np.ndarray, mapper: Mapper | None, chunk: int) -> np.ndarray:
+    if len(images) <= chunk:
+        return _block_features(kind, net, images)
+    if mapper is None:  # in chunks too: descriptors hold ~100 KB of float temporaries per image (5 GB for 50k)
+        out = [_block_features(kind, net, np.ascontiguousarray(images[a:b])) for a, b in spans(len(images), chunk)]
+        return np.concatenate(out)
+    batches = [np.ascontiguousarray(images[a:b]) for a, b in spans(len(images), chunk)]
+    return np.concatenate(mapper(partial(_block_features, kind, net), batches))
+
+
+def _fit_block(
+    kind: str,
+    images: np.ndarray,
+    params: EmbedParams,
+    seed: int,
+    log=None,
+    mapper: Mapper | None = None,
+    chunk: int = 512,
+):
     """One block fitted on ``images``: (block with weight 1, raw features, embedding seconds, train report)."""
     net, report = None, None
     start = time.perf_counter()
@@ -406,9 +438,7 @@ def _fit_block(kind: str, images: np.ndarray, params: EmbedParams, seed: int, lo
             p = params.model_copy(update={"weights": params.weights or "imagenet"})
         net, report = train_simclr(images, p, seed, log=log)
         start = time.perf_counter()
-        feats = torch_features(net, images)
-    else:
-        feats = describe(kind, images)
+    feats = _features(kind, net, images, mapper, chunk)
     mean = feats.mean(axis=0)
     scale = feats.std(axis=0)
     scale = np.where(scale > 1e-8, scale, 1.0).astype(np.float32)

@@ -37,6 +37,7 @@ import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,7 @@ from PIL import Image
 
 from tasks.config import ValidateParams
 from tasks.datasets import ImageDecodeError, decode
+from tasks.parallel import Mapper, spans
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
 THUMB_SIDE = 128  # the sharpness is measured on the grey image resized so that its longest side is this
@@ -155,7 +157,8 @@ def perceptual_hash(thumb: np.ndarray) -> int:
     from scipy.fft import dctn
 
     coef = dctn(np.asarray(thumb, dtype=np.float64), norm="ortho")[:8, :8].ravel()
-    return int.from_bytes(np.packbits(coef > np.median(coef)).tobytes(), "big")
+    median = np.sort(coef)[31:33].mean()  # np.median's value, without its overhead (a third of this function)
+    return int.from_bytes(np.packbits(coef > median).tobytes(), "big")
 
 
 def image_stats(root: Path, rel: str, max_pixels: int) -> dict[str, object]:
@@ -296,7 +299,8 @@ def _similar_to(stats: pd.DataFrame, thumbs: list[np.ndarray | None]) -> tuple[l
     if len(eligible) < 2:
         return similar, values
     rows = [i for _, i in eligible]
-    hashes = np.array([int(stats["phash"].iat[i], 16) for i in rows], dtype=np.uint64)
+    phash = stats["phash"].tolist()  # one column lookup, not one per row (pandas indexing was ~5 % of the stage)
+    hashes = np.array([int(phash[i], 16) for i in rows], dtype=np.uint64)
     match, sim = near_duplicates(hashes, np.stack([thumbs[i] for i in rows]))
     for k, i in enumerate(rows):
         if match[k] >= 0:
@@ -305,19 +309,29 @@ def _similar_to(stats: pd.DataFrame, thumbs: list[np.ndarray | None]) -> tuple[l
     return similar, values
 
 
-def compute_stats(root: Path, images: list[str], max_pixels: int, workers: int = 1) -> pd.DataFrame:
+def _measure_many(root: Path, max_pixels: int, images: list[str]) -> list[tuple[dict[str, object], np.ndarray | None]]:
+    return [_measure(root, rel, max_pixels) for rel in images]
+
+
+def compute_stats(
+    root: Path, images: list[str], max_pixels: int, workers: int = 1, mapper: Mapper | None = None, chunk: int = 512
+) -> pd.DataFrame:
     """Stats for ``images`` (paths relative to ``root``), one row each in the given order, plus ``duplicate_of``,
     ``similar_to`` and ``similarity`` (near-duplicate candidates, see the module docstring).
 
     With ``workers > 1`` images are measured in a thread pool (Pillow's decoders and resize, and hashlib, release
     the GIL); each worker holds one decoded image at a time, so memory stays flat whatever the number of images
-    but for the 1 KB thumbnail kept per image for the near-duplicate search.
+    but for the 1 KB thumbnail kept per image for the near-duplicate search. With a ``mapper``
+    (:mod:`tasks.parallel`) chunks of ``chunk`` images are measured by the flow's task runner (e.g. Dask) instead.
     """
     root = Path(root)
     if len(set(images)) != len(images):
         dupes = sorted(k for k, n in Counter(images).items() if n > 1)
         raise ValueError(f"image list has repeated paths: {dupes[:5]}")
-    if workers > 1 and len(images) > 1:
+    if mapper is not None:
+        parts = mapper(partial(_measure_many, root, max_pixels), [images[a:b] for a, b in spans(len(images), chunk)])
+        measured = [m for part in parts for m in part]
+    elif workers > 1 and len(images) > 1:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image-stats") as pool:
             measured = list(pool.map(lambda rel: _measure(root, rel, max_pixels), images))
     else:

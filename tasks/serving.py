@@ -18,9 +18,12 @@ from mlflow.pyfunc import PythonModel
 
 class EmbedderModel(PythonModel):
     def load_context(self, context) -> None:
+        from tasks.config import load_params
         from tasks.embedding import load_model
 
         self.model = load_model(Path(context.artifacts["model"]))
+        params = context.artifacts.get("params")  # how the training images were standardised and validated
+        self.params = load_params(Path(params)) if params else None
 
     def predict(self, context, model_input, params=None):  # no type hints: MLflow would validate a schema
         images = np.asarray(model_input)

@@ -18,6 +18,7 @@ import pandas as pd
 
 from tasks.config import Params
 from tasks.datasets import discover, read_labels
+from tasks.parallel import Mapper
 from tasks.workspace import Workspace
 
 log = logging.getLogger("autolabel")
@@ -40,14 +41,19 @@ def _passed(ws: Workspace) -> list[str]:
     return [line for line in path.read_text().splitlines() if line]
 
 
-def run_validate(ws: Workspace, params: Params) -> dict[str, Any]:
-    """Image stats → GX suite → ``quarantine.csv`` (image, reason) and ``passed.txt``."""
+def run_validate(ws: Workspace, params: Params, mapper: Mapper | None = None) -> dict[str, Any]:
+    """Image stats → GX suite → ``quarantine.csv`` (image, reason) and ``passed.txt``.
+
+    ``mapper`` (from the Prefect flow, :mod:`tasks.parallel`) measures chunks of images on the task runner.
+    """
     from tasks import quality
 
     images = discover(ws.images).images
     if not images:
         raise ValueError(f"no images in {ws.images}: version the data first")
-    stats = quality.compute_stats(ws.images, images, params.validate.max_pixels)
+    stats = quality.compute_stats(
+        ws.images, images, params.validate.max_pixels, mapper=mapper, chunk=params.runner.chunk
+    )
     result = quality.validate_stats(stats, params.validate)
     out = ws.stage_dir("validate")
     out.mkdir(parents=True, exist_ok=True)
@@ -90,15 +96,20 @@ def run_standardize(ws: Workspace, params: Params) -> dict[str, Any]:
     return metrics
 
 
-def run_embed(ws: Workspace, params: Params) -> dict[str, Any]:
-    """Standardised images → ``vectors.npy`` ``(N, d)`` float32 (index.csv order) with the fitted ``model.pt``."""
+def run_embed(ws: Workspace, params: Params, mapper: Mapper | None = None) -> dict[str, Any]:
+    """Standardised images → ``vectors.npy`` ``(N, d)`` float32 (index.csv order) with the fitted ``model.pt``.
+
+    ``mapper`` (from the Prefect flow, :mod:`tasks.parallel`) computes chunks of features on the task runner.
+    """
     from tasks.embedding import fit_embedder, save_model
 
     _set_threads(params)
     images = np.load(ws.stage_dir("standardize") / "images.npy", mmap_mode="r")
     out = ws.stage_dir("embed")
     out.mkdir(parents=True, exist_ok=True)
-    model, vectors, report = fit_embedder(images, params.embed, params.base.seed, log=log.info)
+    model, vectors, report = fit_embedder(
+        images, params.embed, params.base.seed, log=log.info, mapper=mapper, chunk=params.runner.chunk
+    )
     save_model(model, out / "model.pt")
     np.save(out / "vectors.npy", vectors.astype(np.float32))
     metrics = {
@@ -125,6 +136,7 @@ def run_cluster(ws: Workspace, params: Params) -> dict[str, Any]:
     import joblib
 
     from tasks.clustering import cluster, internal_metrics
+    from tasks.drift import reference_stats
 
     _set_threads(params)
     vectors = np.load(ws.stage_dir("embed") / "vectors.npy")
@@ -142,6 +154,8 @@ def run_cluster(ws: Workspace, params: Params) -> dict[str, Any]:
             "distance": np.round(result.distance, 6),
         }
     ).to_csv(out / "assignments.csv", index=False)
+    # what a refresh compares new batches with (tasks.drift), carried by the model so the champion alone suffices
+    result.model.info["reference"] = reference_stats(vectors, result.labels, result.distance, result.model.n_clusters)
     joblib.dump(result.model, out / "model.pkl")
     metrics = {
         "method": params.cluster.method,
@@ -195,7 +209,7 @@ def run_track(ws: Workspace, params: Params, run_id: str) -> dict[str, dict[str,
 
     embedder = ws.stage_dir("embed") / "model.pt"
     clusterer = ws.stage_dir("cluster") / "model.pkl"
-    models = log_models(ws, run_id, params.track.model_prefix, embedder, clusterer)
+    models = log_models(ws, run_id, params.track.model_prefix, embedder, clusterer, ws.params)
     return {role: m.as_dict() for role, m in models.items()}
 
 

@@ -259,13 +259,15 @@ def _pins(*packages: str) -> list[str]:
 
 
 def log_models(
-    ws: Workspace, run_id: str, prefix: str, embedder_path: Path, clusterer_path: Path
+    ws: Workspace, run_id: str, prefix: str, embedder_path: Path, clusterer_path: Path, params_path: Path
 ) -> dict[str, RegisteredModel]:
-    """Log and register the embedder and clusterer as MLflow ``pyfunc`` models; set ``@champion`` when none exists.
+    """Log and register the embedder and clusterer as MLflow ``pyfunc`` models, aliased ``@challenger``.
 
     Both wrap the stage outputs (``embed/model.pt``: tensors only, no pickle of code; ``cluster/model.pkl``: numpy
     arrays) with :mod:`tasks.serving`, and carry the ``tasks`` package as code, so that a refresh flow can embed
-    and assign a new batch with the champions. ``pip_requirements`` is explicit: inferring it costs ~17 s a model.
+    and assign a new batch with the champions; the embedder also carries the run's ``params.yaml`` (a new batch
+    must be standardised as the training images were). ``@champion`` moves only through :mod:`tasks.champion`'s
+    gate. ``pip_requirements`` is explicit: inferring it costs ~17 s a model.
     """
     from tasks.serving import ClustererModel, EmbedderModel
 
@@ -277,7 +279,7 @@ def log_models(
         info_e = mlflow.pyfunc.log_model(
             name="embedder",
             python_model=EmbedderModel(),
-            artifacts={"model": str(embedder_path)},
+            artifacts={"model": str(embedder_path), "params": str(params_path)},
             code_paths=code,
             registered_model_name=f"{prefix}-embedder",
             pip_requirements=_pins(
@@ -295,12 +297,17 @@ def log_models(
     for role, info in (("embedder", info_e), ("clusterer", info_c)):
         name = f"{prefix}-{role}"
         version = str(info.registered_model_version)
-        model = client.get_registered_model(name)
-        if "champion" not in (model.aliases or {}):
-            client.set_registered_model_alias(name, "champion", version)
-        aliases = sorted(a for a, v in (client.get_registered_model(name).aliases or {}).items() if str(v) == version)
-        out[role] = RegisteredModel(name=name, version=version, aliases=aliases, uri=f"models:/{name}/{version}")
+        client.set_registered_model_alias(name, "challenger", version)
+        out[role] = registered(ws, name, version)
     return out
+
+
+def registered(ws: Workspace, name: str, version: str) -> RegisteredModel:
+    """A registered model version with its current aliases."""
+    aliases = _client(ws).get_registered_model(name).aliases or {}
+    version = str(version)
+    tags = sorted(a for a, v in aliases.items() if str(v) == version)
+    return RegisteredModel(name=name, version=version, aliases=tags, uri=f"models:/{name}/{version}")
 
 
 def end_run(ws: Workspace, run_id: str, status: str = "FINISHED") -> None:

@@ -273,44 +273,63 @@ def mirror_images(src: Path, dest: Path) -> Discovery:
     return found
 
 
+def _has_rows(csv_file: Path) -> bool:
+    with open(csv_file, "rb") as fh:
+        return len(fh.read(1 << 16).splitlines()) > 1
+
+
 def _dvc_out(dvc_file: Path) -> dict[str, Any]:
     return yaml.safe_load(dvc_file.read_text())["outs"][0]
 
 
-def version_data(ws: Workspace, images: Path, labels: Path | None, remote: str | None, push: bool) -> DataVersion:
+def version_data(
+    ws: Workspace, images: Path | None, labels: Path | None, remote: str | None, push: bool
+) -> DataVersion:
     """Mirror, ``dvc add``, ``dvc push`` and commit the data; return its version.
+
+    With ``images`` None the workspace's own data is versioned: ``data/images`` plus every refreshed batch
+    (``merge_batches``), keeping its ground truth; that is what a scheduled or drift-triggered retrain trains on.
 
     Raises:
         FileNotFoundError: if the image folder (or labels file) is missing.
         VersioningError: if git or DVC fails (message names the command).
     """
-    images = Path(images).resolve()
-    if not images.is_dir():
-        raise FileNotFoundError(f"image folder not found: {images}")
-    if (ws.root == images or ws.root in images.parents) and images != ws.localized:
-        raise ValueError(f"the image folder {images} must not be inside the workspace {ws.root}")
-    url = init_workspace(ws, remote)
-    found = mirror_images(images, ws.images)
+    if images is None:
+        if not ws.images.is_dir():
+            raise FileNotFoundError(f"{ws.images} is missing: give --images for the first run of a workspace")
+        url = init_workspace(ws, remote)
+        merged = merge_batches(ws)
+        found = discover(ws.images)
+        source = f"{ws.images} (+{len(merged)} merged batches)"
+    else:
+        images = Path(images).resolve()
+        if not images.is_dir():
+            raise FileNotFoundError(f"image folder not found: {images}")
+        if (ws.root == images or ws.root in images.parents) and images != ws.localized:
+            raise ValueError(f"the image folder {images} must not be inside the workspace {ws.root}")
+        url = init_workspace(ws, remote)
+        found = mirror_images(images, ws.images)
+        source = str(images)
+        with open(ws.rejected, "w", newline="") as fh:  # image files never copied: they join the quarantine
+            writer = csv.writer(fh)
+            writer.writerow(["image", "reason"])
+            writer.writerows(found.rejected)
     image_list, ignored = found.images, found.ignored
     if not image_list:
-        raise ValueError(f"no image files under {images} ({len(ignored)} other files ignored)")
-    with open(ws.rejected, "w", newline="") as fh:  # image files never copied: they join the quarantine
-        writer = csv.writer(fh)
-        writer.writerow(["image", "reason"])
-        writer.writerows(found.rejected)
+        raise ValueError(f"no image files under {source} ({len(ignored)} other files ignored)")
     targets = ["data/images", "data/labels.csv"]
     if labels is not None:
         labels = Path(labels)
         if not labels.is_file():
             raise FileNotFoundError(f"labels file not found: {labels}")
         shutil.copyfile(labels, ws.labels)
-    else:  # an empty ground truth keeps the evaluate stage's dependency stable
+    elif images is not None or not ws.labels.is_file():  # an empty ground truth keeps evaluate's dependency stable
         ws.labels.write_text("path,label\n")
     dvc(["add", "-q", *targets], ws.root)
     if push:
         dvc(["push", "-q", *targets], ws.root)
     out = _dvc_out(ws.root / "data" / "images.dvc")
-    labels_md5 = _dvc_out(ws.root / "data" / "labels.csv.dvc")["md5"] if labels is not None else None
+    labels_md5 = _dvc_out(ws.root / "data" / "labels.csv.dvc")["md5"] if _has_rows(ws.labels) else None
 
     tracked = [p for p in (".gitignore", ".dvc", "dvc.yaml", "params.yaml", "data", "human") if (ws.root / p).exists()]
     git(["add", "-A", "--", *tracked], ws.root)
@@ -335,3 +354,89 @@ def current_data_version(ws: Workspace) -> dict[str, Any]:
         raise FileNotFoundError(f"{dvc_file} is missing: version the data first (`autolabel run`)")
     out = _dvc_out(dvc_file)
     return {"md5": out["md5"], "nfiles": out.get("nfiles"), "size": out.get("size")}
+
+
+@dataclass(frozen=True)
+class BatchVersion:
+    """A new batch of images added to the workspace's data history (``data/batches/<batch_id>``)."""
+
+    batch_id: str
+    md5: str
+    nfiles: int
+    remote: str
+    workspace_commit: str
+    rejected: list[tuple[str, str]]
+
+    @property
+    def folder(self) -> str:
+        return f"data/batches/{self.batch_id}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "rejected"} | {"folder": self.folder}
+
+
+def batch_id_of(src: Path, images: list[str]) -> str:
+    """A content id for a batch (paths and bytes): ingesting the same batch twice is recognised."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for rel in images:
+        digest.update(rel.encode("utf-8", "surrogateescape") + b"\0")
+        with open(src / rel, "rb") as fh:
+            digest.update(hashlib.file_digest(fh, "sha256").digest())
+    return f"batch-{digest.hexdigest()[:12]}"
+
+
+def version_batch(ws: Workspace, src: Path, name: str | None, remote: str | None, push: bool) -> BatchVersion:
+    """Add a new batch beside the training data: its own ``.dvc`` file, pushed, committed (the history grows).
+
+    The batch is versioned on its own, so its cost does not grow with the workspace; a later retrain merges every
+    batch into ``data/images`` (``merge_batches``).
+
+    Raises:
+        FileNotFoundError: missing folder, or a workspace that was never trained.
+        ValueError: a batch with no images, a bad batch name, or a folder inside the workspace.
+    """
+    src = Path(src).resolve()
+    if not src.is_dir():
+        raise FileNotFoundError(f"image folder not found: {src}")
+    if ws.root == src or ws.root in src.parents:
+        raise ValueError(f"the image folder {src} must not be inside the workspace {ws.root}")
+    if not (ws.root / ".dvc").is_dir():
+        raise FileNotFoundError(f"{ws.root} is not a trained workspace: run `autolabel run` first")
+    found = discover(src)
+    if not found.images:
+        raise ValueError(f"no image files under {src} ({len(found.ignored)} other files ignored)")
+    batch_id = name or batch_id_of(src, found.images)
+    if not batch_id.replace("-", "").replace("_", "").replace(".", "").isalnum() or batch_id.startswith("."):
+        raise ValueError(f"batch name {batch_id!r}: use letters, digits, '-', '_' and '.' only")
+    url = init_workspace(ws, remote)
+    folder = f"data/batches/{batch_id}"
+    mirror_images(src, ws.root / folder)
+    dvc(["add", "-q", folder], ws.root)
+    if push:
+        dvc(["push", "-q", folder], ws.root)
+    git(["add", "-A", "--", f"{folder}.dvc", "data/batches/.gitignore", ".dvc"], ws.root)
+    if git(["status", "--porcelain", "--", "data/batches"], ws.root).strip():
+        git(["commit", "-q", "-m", f"batch {batch_id}"], ws.root)
+    out = _dvc_out(ws.root / f"{folder}.dvc")
+    return BatchVersion(
+        batch_id=batch_id,
+        md5=out["md5"],
+        nfiles=int(out.get("nfiles", len(found.images))),
+        remote=url,
+        workspace_commit=git(["rev-parse", "HEAD"], ws.root).strip(),
+        rejected=list(found.rejected),
+    )
+
+
+def merge_batches(ws: Workspace) -> list[str]:
+    """Copy every refreshed batch into ``data/images/batches/<id>/`` (once) so a retrain sees all the data."""
+    root = ws.root / "data" / "batches"
+    merged = []
+    for batch in sorted(p for p in root.glob("*") if p.is_dir()) if root.is_dir() else []:
+        dest = ws.images / "batches" / batch.name
+        if not dest.exists():
+            shutil.copytree(batch, dest)
+            merged.append(batch.name)
+    return merged

@@ -316,6 +316,7 @@ fi
     q MLFLOW_S3_ENDPOINT_URL "$S3_URL"
     q AUTOLABEL_DVC_REMOTE s3://dvc-remote/autolabel
     q AUTOLABEL_DVC_ENDPOINT "$S3_URL"
+    q AWS_ENDPOINT_URL_S3 "$S3_URL"   # boto3/s3fs (the DVC remote) find the S3 endpoint here
   fi
   if want prefect; then
     q AUTOLABEL_PREFECT_PORT "$PREFECT_PORT"

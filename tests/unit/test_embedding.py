@@ -125,3 +125,15 @@ def test_pretrained_weights_are_found_in_the_torch_home_cache(tmp_path, monkeypa
     loaded = model.blocks[0].net.backbone.features[0][0].weight
     assert torch.equal(loaded, reference.features[0][0].weight)
     assert vectors.shape[0] == 8 and np.isfinite(vectors).all()
+
+
+def test_descriptors_of_an_image_do_not_depend_on_its_batch():
+    """A 3-D ndimage filter once mixed neighbouring images of a batch into each other's gradient features."""
+    from tasks.descriptors import DESCRIPTORS, describe
+
+    rng = np.random.default_rng(0)
+    images = (rng.random((24, 32, 32)) * 255).astype(np.uint8)
+    for kind in DESCRIPTORS:
+        whole = describe(kind, images)
+        chunked = np.concatenate([describe(kind, images[i : i + 7]) for i in range(0, len(images), 7)])
+        np.testing.assert_allclose(whole, chunked, atol=1e-5, err_msg=kind)
