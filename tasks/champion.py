@@ -23,7 +23,7 @@ import pandas as pd
 from tasks import tracking
 from tasks.config import Params
 from tasks.datasets import read_labels
-from tasks.tracking import RegisteredModel, _client, _mlflow, registered
+from tasks.tracking import RegisteredModel, mlflow_client, mlflow_for, registered
 from tasks.workspace import Workspace
 
 log = logging.getLogger("autolabel")
@@ -62,7 +62,7 @@ def champion_versions(ws: Workspace, prefix: str) -> dict[str, str] | None:
     """``{role: version}`` of the ``@champion`` pair, or None when either is missing."""
     from mlflow.exceptions import MlflowException
 
-    client = _client(ws)
+    client = mlflow_client(ws)
     out: dict[str, str] = {}
     for role in ROLES:
         try:
@@ -83,7 +83,7 @@ def load_champion(ws: Workspace, prefix: str) -> Champion:
         raise NoChampionError(
             f"no @champion models named {prefix}-embedder/-clusterer in the MLflow registry: run `autolabel run` first"
         )
-    mlflow = _mlflow(ws)
+    mlflow = mlflow_for(ws)
     loaded = {
         role: mlflow.pyfunc.load_model(f"models:/{prefix}-{role}/{versions[role]}").unwrap_python_model()
         for role in ROLES
@@ -170,7 +170,7 @@ def gate(ws: Workspace, params: Params, models: dict[str, dict[str, Any]]) -> Ga
                 f" - tolerance {params.gate.tolerance}"
             )
     if promoted:
-        client = _client(ws)
+        client = mlflow_client(ws)
         for role in ROLES:
             client.set_registered_model_alias(f"{prefix}-{role}", "champion", challenger[role])
     log.info("champion gate: %s (%s)", "promoted" if promoted else "kept the champion", reason)

@@ -57,7 +57,7 @@ def end_orphaned_runs(ws: Workspace) -> list[str]:
         return []
     from mlflow.entities import RunTag, ViewType
 
-    client = _client(ws)
+    client = mlflow_client(ws)
     experiments = [e.experiment_id for e in client.search_experiments(view_type=ViewType.ALL)]
     if not experiments:
         return []
@@ -108,7 +108,7 @@ def _masked_errors() -> Iterator[None]:
         raise TrackingError(masked) from None
 
 
-def _mlflow(ws: Workspace):
+def mlflow_for(ws: Workspace):
     """mlflow, pointed at the workspace's store without leaking it into ``MLFLOW_TRACKING_URI``.
 
     ``mlflow.set_tracking_uri`` also exports the variable; left there, the next workspace in the same process
@@ -129,17 +129,17 @@ def _mlflow(ws: Workspace):
     return mlflow
 
 
-def _client(ws: Workspace):
+def mlflow_client(ws: Workspace):
     from mlflow import MlflowClient
 
-    _mlflow(ws)
+    mlflow_for(ws)
     return MlflowClient()
 
 
 def start_run(ws: Workspace, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
     """Create the run (status RUNNING) with flattened params and lineage tags (credentials masked); return its id."""
     with _masked_errors():
-        client = _client(ws)
+        client = mlflow_client(ws)
         exp = client.get_experiment_by_name(experiment)
         if exp is None:
             location = None if os.environ.get("MLFLOW_TRACKING_URI") else ws.mlflow_artifacts.as_uri()
@@ -197,7 +197,7 @@ def log_metrics(ws: Workspace, run_id: str, stage: str, metrics: dict[str, Any])
 
     from mlflow.entities import Metric
 
-    client = _client(ws)
+    client = mlflow_client(ws)
     now = int(time.time() * 1000)
     values = [
         Metric(f"{stage}.{k}"[:250].replace(" ", "_"), float(v), now, 0)
@@ -213,7 +213,7 @@ def set_tags(ws: Workspace, run_id: str, tags: dict[str, Any]) -> None:
     from mlflow.entities import RunTag
 
     with _masked_errors():
-        _client(ws).log_batch(run_id, tags=[RunTag(k, redact(str(v))[:5000]) for k, v in tags.items()])
+        mlflow_client(ws).log_batch(run_id, tags=[RunTag(k, redact(str(v))[:5000]) for k, v in tags.items()])
 
 
 def log_dataset(ws: Workspace, run_id: str, index: Any, name: str, source: str, digest: str) -> None:
@@ -227,18 +227,18 @@ def log_dataset(ws: Workspace, run_id: str, index: Any, name: str, source: str, 
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-    mlflow = _mlflow(ws)
+    mlflow = mlflow_for(ws)
     with warnings.catch_warnings():  # a local path matches two equivalent local source types
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_pandas(index, source=redact_url(source), name=name, digest=digest)
     entry = DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")])
     with _masked_errors():
-        _client(ws).log_inputs(run_id, datasets=[entry])
+        mlflow_client(ws).log_inputs(run_id, datasets=[entry])
 
 
 def log_artifacts(ws: Workspace, run_id: str, folder: Path, artifact_path: str) -> None:
     with _masked_errors():
-        _client(ws).log_artifacts(run_id, str(folder), artifact_path)
+        mlflow_client(ws).log_artifacts(run_id, str(folder), artifact_path)
 
 
 @dataclass(frozen=True)
@@ -271,8 +271,8 @@ def log_models(
     """
     from tasks.serving import ClustererModel, EmbedderModel
 
-    mlflow = _mlflow(ws)
-    client = _client(ws)
+    mlflow = mlflow_for(ws)
+    client = mlflow_client(ws)
     code = [str(Path(__file__).resolve().parent)]
     out: dict[str, RegisteredModel] = {}
     with mlflow.start_run(run_id=run_id):
@@ -304,7 +304,7 @@ def log_models(
 
 def registered(ws: Workspace, name: str, version: str) -> RegisteredModel:
     """A registered model version with its current aliases."""
-    aliases = _client(ws).get_registered_model(name).aliases or {}
+    aliases = mlflow_client(ws).get_registered_model(name).aliases or {}
     version = str(version)
     tags = sorted(a for a, v in aliases.items() if str(v) == version)
     return RegisteredModel(name=name, version=version, aliases=tags, uri=f"models:/{name}/{version}")
@@ -312,4 +312,4 @@ def registered(ws: Workspace, name: str, version: str) -> RegisteredModel:
 
 def end_run(ws: Workspace, run_id: str, status: str = "FINISHED") -> None:
     with _masked_errors():
-        _client(ws).set_terminated(run_id, status=status)
+        mlflow_client(ws).set_terminated(run_id, status=status)

@@ -33,3 +33,21 @@ def shared_data() -> Path:
             pytest.fail(f"{SHARED_DATA} is missing: CI must run with ../shared beside the checkout")
         pytest.skip(f"{SHARED_DATA} not found")
     return SHARED_DATA
+
+
+# fast settings for flow tests: a real but tiny training run
+FAST = [
+    "embed.epochs=1",
+    "embed.batch_size=32",
+    "embed.max_train_images=64",
+    "standardize.size=32",
+    "cluster.k=7",
+    "cluster.n_init=2",
+    "cluster.heads=2",
+    "cluster.epochs=10",
+]
+
+
+@pytest.fixture(scope="session")
+def fast_overrides() -> list[str]:
+    return list(FAST)

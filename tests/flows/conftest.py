@@ -6,23 +6,6 @@ from pathlib import Path
 
 import pytest
 
-# fast settings for flow tests: a real but tiny training run
-FAST = [
-    "embed.epochs=1",
-    "embed.batch_size=32",
-    "embed.max_train_images=64",
-    "standardize.size=32",
-    "cluster.k=7",
-    "cluster.n_init=2",
-    "cluster.heads=2",
-    "cluster.epochs=10",
-]
-
-
-@pytest.fixture(scope="session")
-def fast_overrides() -> list[str]:
-    return list(FAST)
-
 
 @pytest.fixture(scope="session")
 def synth_data(tmp_path_factory) -> Path:
@@ -34,10 +17,12 @@ def synth_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def retrain_run(prefect_engine, synth_data, tmp_path_factory) -> tuple[Path, Path]:
+def retrain_run(prefect_engine, synth_data, fast_overrides, tmp_path_factory) -> tuple[Path, Path]:
     """(workspace, label set) of one retrain flow run with ground-truth labels."""
     from flows.retrain import retrain
 
     ws = tmp_path_factory.mktemp("ws") / "workspace"
-    path = retrain(images=str(synth_data), workspace=str(ws), labels=str(synth_data / "labels.csv"), overrides=FAST)
+    path = retrain(
+        images=str(synth_data), workspace=str(ws), labels=str(synth_data / "labels.csv"), overrides=fast_overrides
+    )
     return ws, Path(path)

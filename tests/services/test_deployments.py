@@ -28,19 +28,7 @@ pytestmark = pytest.mark.services
 BIN = Path(sys.executable).parent
 POOL = "autolabel"
 PREFIX = f"deploytest-{uuid.uuid4().hex[:8]}"  # models and experiment of this module only
-# tiny but real training, as tests/flows/conftest.py FAST
-FAST = [
-    "embed.epochs=1",
-    "embed.batch_size=32",
-    "embed.max_train_images=64",
-    "standardize.size=32",
-    "cluster.k=7",
-    "cluster.n_init=2",
-    "cluster.heads=2",
-    "cluster.epochs=10",
-    f"track.model_prefix={PREFIX}",
-    f"track.experiment={PREFIX}",
-]
+ISOLATED = [f"track.model_prefix={PREFIX}", f"track.experiment={PREFIX}"]
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 TIMINGS: dict[str, float] = {}  # printed at the end of the module (pytest -s)
 
@@ -224,9 +212,10 @@ def test_prefect_yaml_describes_the_same_deployments(env: Env):
     assert after == before
 
 
-def test_worker_runs_a_triggered_retrain_then_refresh(env: Env):
+def test_worker_runs_a_triggered_retrain_then_refresh(env: Env, fast_overrides: list[str]):
     t0 = time.monotonic()
-    retrain = env.trigger("retrain/retrain-weekly", {"images": str(env.synth), "overrides": FAST})
+    overrides = [*fast_overrides, *ISOLATED]
+    retrain = env.trigger("retrain/retrain-weekly", {"images": str(env.synth), "overrides": overrides})
     done = env.wait(retrain["id"], 600, "triggered retrain")
     TIMINGS["triggered retrain, creation to completed (s)"] = time.monotonic() - t0
     states = env.states(retrain["id"])

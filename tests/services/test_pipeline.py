@@ -11,16 +11,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-FAST = [
-    "embed.epochs=1",
-    "embed.batch_size=32",
-    "embed.max_train_images=64",
-    "standardize.size=32",
-    "cluster.k=7",
-    "cluster.n_init=2",
-    "cluster.heads=2",
-    "cluster.epochs=10",
-]
 AUTOLABEL = str(Path(sys.executable).parent / "autolabel")
 
 
@@ -45,7 +35,7 @@ def _keys(services, bucket: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def pipeline(services, tmp_path_factory) -> dict:
+def pipeline(services, fast_overrides, tmp_path_factory) -> dict:
     """One retrain and one refresh run by the CLI against the services (as an operator would)."""
     from tasks.synthetic import generate
 
@@ -54,7 +44,7 @@ def pipeline(services, tmp_path_factory) -> dict:
     generate(root / "new", n=50, seed=12)
     env = services.subprocess_env()
     remote = "s3://dvc-remote/pipeline-test"
-    sets = [a for s in [*FAST, f"version.remote={remote}"] for a in ("--set", s)]
+    sets = [a for s in [*fast_overrides, f"version.remote={remote}"] for a in ("--set", s)]
     ws = root / "ws"
     _autolabel(
         ["run", "--images", str(root / "base"), "--labels", str(root / "base" / "labels.csv"), "--workspace", str(ws)]
