@@ -17,6 +17,7 @@ from flows.retrain import annotate_task, lineage_tags, publish_and_record, works
 from tasks import tracking, versioning
 from tasks.annotation import load_cluster_names, load_seeds
 from tasks.config import load_params
+from tasks.preflight import before_work
 from tasks.workspace import Workspace
 
 log = logging.getLogger("autolabel")
@@ -31,6 +32,7 @@ def annotate(workspace: str, cluster_names: str | None = None, seeds: str | None
         if not (ws.stage_dir("track") / "context.json").is_file():
             raise FileNotFoundError(f"{ws.root} has no trained models yet: run `autolabel run` first")
         params = load_params(ws.params)
+        before_work(ws, params)  # services answer (else stop before any work); a killed run's leftovers closed
         images = set(pd.read_csv(ws.stage_dir("cluster") / "assignments.csv")["image"])
         n_clusters = int(ws.read_json("cluster")["n_clusters"])
         if cluster_names is not None:  # check before copying: a bad file must not land in the workspace

@@ -294,6 +294,10 @@ def log_models(
             registered_model_name=f"{prefix}-clusterer",
             pip_requirements=_pins("numpy", "scikit-learn", "joblib", "pandas", "pydantic"),
         )
+    # Leaving the ``with`` block ended the run as FINISHED, but the flow still has to publish: put it back to
+    # RUNNING at once, so that a crash during publish leaves a RUNNING run that the next start marks KILLED
+    # (end_orphaned_runs) instead of a FINISHED run without a label set.
+    client.update_run(run_id, status="RUNNING")
     for role, info in (("embedder", info_e), ("clusterer", info_c)):
         name = f"{prefix}-{role}"
         version = str(info.registered_model_version)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,23 @@ def test_bad_human_input_names_the_line_and_publishes_nothing(retrain_run, tmp_p
     seeds.write_text("image,label\n/etc/passwd,crack\n")
     result = runner.invoke(app, ["annotate", "--workspace", str(ws), "--seeds", str(seeds)])
     assert result.exit_code != 0 and "seeds.csv:2" in result.output
+    assert sorted(p.name for p in (ws / "labelsets").iterdir()) == before
+    assert {p.name: p.read_bytes() for p in (ws / "human").glob("*") if p.is_file()} == human_before
+
+
+def test_annotate_with_the_tracking_server_down_stops_before_any_work(retrain_run, tmp_path, monkeypatch):
+    ws, _ = retrain_run
+    before = sorted(p.name for p in (ws / "labelsets").iterdir())
+    human_before = {p.name: p.read_bytes() for p in (ws / "human").glob("*") if p.is_file()}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    names = tmp_path / "names.yaml"
+    names.write_text("0: crack\n")
+    result = runner.invoke(app, ["annotate", "--workspace", str(ws), "--cluster-names", str(names)])
+    assert result.exit_code != 0
+    assert f"MLflow tracking server at http://127.0.0.1:{port} is unreachable" in result.output, result.output
     assert sorted(p.name for p in (ws / "labelsets").iterdir()) == before
     assert {p.name: p.read_bytes() for p in (ws / "human").glob("*") if p.is_file()} == human_before
 
