@@ -1,9 +1,10 @@
 """The validate stage: per-image stats, checked by a Great Expectations suite; failures are quarantined with a reason.
 
-Each image is decoded once (``tasks.datasets.decode``) into one row of stats. The table goes through the GX suite
-kept in ``tasks/suites/<name>.json``, whose thresholds are suite parameters (``{"$PARAMETER": "min_contrast"}``)
-filled from ``ValidateParams`` at run time. GX decides what fails; this module only turns GX's unexpected rows into
-one human reason per image, using each expectation's ``meta``:
+Each image's file is read once (its sha256 and its pixels come from the same bytes) and decoded once, to the
+pixels ``tasks.datasets.decode`` gives the other stages (tested), into one row of stats. The table goes through the
+GX suite kept in ``tasks/suites/<name>.json``, whose thresholds are suite parameters
+(``{"$PARAMETER": "min_contrast"}``) filled from ``ValidateParams`` at run time. GX decides what fails; this module
+only turns GX's unexpected rows into one human reason per image, using each expectation's ``meta``:
 
 - ``check``: short name of the expectation (key of the per-expectation counts in the summary);
 - ``reason``: a ``str.format`` template filled with the image's stats and the parameters, e.g.
@@ -30,10 +31,12 @@ mostly flat), so the hash only narrows the search and the thumbnail correlation 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
 import re
+import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,10 +46,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image
+from PIL import Image, ImageOps
 
 from tasks.config import ValidateParams
-from tasks.datasets import ImageDecodeError, decode
+from tasks.datasets import ImageDecodeError, decode, to_grey_u8
 from tasks.parallel import Mapper, spans
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
@@ -94,14 +97,6 @@ _DTYPES = {
 # --------------------------------------------------------------------------------------------------- image stats
 
 
-def _file_sha256(path: Path) -> str | None:
-    try:
-        with path.open("rb") as fh:
-            return hashlib.file_digest(fh, "sha256").hexdigest()
-    except OSError:
-        return None
-
-
 def _mean_std(hist: list[int]) -> tuple[float, float]:
     """Mean and (population) std of the grey levels from their 256-bin histogram (exact, no copy of the image)."""
     counts = np.asarray(hist, dtype=np.float64)
@@ -115,11 +110,14 @@ def _mean_std(hist: list[int]) -> tuple[float, float]:
 def laplacian_variance(img: np.ndarray) -> float:
     """``scipy.ndimage.laplace(img.astype(float)).var()`` for a 2-D integer image, computed exactly in integers.
 
-    Same 5-point kernel and the same ``mode="reflect"`` border (the edge pixel repeated), about 3x faster than
-    scipy on a 128 px thumbnail, which matters when the stage runs over many small images.
+    Same 5-point kernel and the same ``mode="reflect"`` border (the edge pixel repeated), several times faster than
+    scipy on a 128 px thumbnail, which matters when the stage runs over many small images. With that border every
+    neighbour difference is counted once with each sign, so the Laplacian sums to 0 and its variance is its mean
+    square. For 8-bit images |Laplacian| <= 4 * 255 fits int16 (half the memory traffic); squares are summed in int64.
     """
-    a = np.asarray(img, dtype=np.int32)
-    lap = -4 * a
+    a = np.asarray(img)
+    a = a.astype(np.int16 if a.dtype in (np.uint8, np.int8, np.bool_) else np.int64)
+    lap = a * a.dtype.type(-4)
     lap[1:] += a[:-1]
     lap[:1] += a[:1]
     lap[:-1] += a[1:]
@@ -129,10 +127,12 @@ def laplacian_variance(img: np.ndarray) -> float:
     lap[:, :-1] += a[:, 1:]
     lap[:, -1:] += a[:, -1:]
     flat = lap.reshape(-1)
-    n = flat.size
-    s1 = int(flat.sum(dtype=np.int64))
-    s2 = int(np.einsum("i,i->", flat, flat, dtype=np.int64))
-    return (s2 * n - s1 * s1) / (n * n)
+    return int(np.einsum("i,i->", flat, flat, dtype=np.int64)) / flat.size
+
+
+def _pixels(img: Image.Image) -> np.ndarray:
+    """An "L" image's pixels as a read-only uint8 array (one ``tobytes`` copy; ``np.asarray`` costs more per call)."""
+    return np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(img.height, img.width)
 
 
 def _sharpness(img: Image.Image) -> float:
@@ -141,7 +141,7 @@ def _sharpness(img: Image.Image) -> float:
     scale = THUMB_SIDE / max(h, w)
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
     thumb = img if size == (w, h) else img.resize(size, Image.Resampling.BILINEAR)
-    return laplacian_variance(np.asarray(thumb))
+    return laplacian_variance(_pixels(thumb))
 
 
 def _unreadable_row(rel: str, reason: str, file_sha: str | None) -> dict[str, object]:
@@ -154,11 +154,73 @@ def _unreadable_row(rel: str, reason: str, file_sha: str | None) -> dict[str, ob
 
 def perceptual_hash(thumb: np.ndarray) -> int:
     """64-bit pHash of a square grey thumbnail: the 8x8 lowest DCT frequencies compared with their median."""
+    return int(perceptual_hashes(np.asarray(thumb)[None])[0])
+
+
+def perceptual_hashes(thumbs: np.ndarray) -> np.ndarray:
+    """:func:`perceptual_hash` of ``(n, side, side)`` thumbnails in one DCT call (uint64; bit-identical to one
+    call per thumbnail: the per-call overhead of ``dctn`` was a tenth of the stage on small images)."""
     from scipy.fft import dctn
 
-    coef = dctn(np.asarray(thumb, dtype=np.float64), norm="ortho")[:8, :8].ravel()
-    median = np.sort(coef)[31:33].mean()  # np.median's value, without its overhead (a third of this function)
-    return int.from_bytes(np.packbits(coef > median).tobytes(), "big")
+    thumbs = np.asarray(thumbs)
+    if not len(thumbs):
+        return np.empty(0, dtype=np.uint64)
+    coef = dctn(thumbs.astype(np.float64), axes=(1, 2), norm="ortho")[:, :8, :8].reshape(len(thumbs), 64)
+    median = np.sort(coef, axis=1)[:, 31:33].mean(axis=1)  # np.median's value, without its overhead
+    return np.packbits(coef > median[:, None], axis=1).view(">u8").ravel().astype(np.uint64)
+
+
+def _grey_image(img: Image.Image) -> Image.Image:
+    """:func:`tasks.datasets.to_grey_u8` as an "L" image: the same pixels, without a numpy round trip for the modes
+    where it is ``img.convert("L")`` (or nothing, for "L")."""
+    if img.mode == "L":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L"):
+        # to_grey_u8's float64 scaling by the image's range, done once per grey level present (a lookup table with
+        # the same float64 operations per level, so the same bytes) instead of once per pixel
+        arr = np.asarray(img)
+        lo, hi = int(arr.min()), int(arr.max())
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        lut = np.clip((np.arange(lo, hi + 1, dtype=np.float64) - lo) * scale, 0, 255).astype(np.uint8)
+        return Image.fromarray(lut[arr - np.asarray(lo, dtype=arr.dtype)])
+    if img.mode in ("I", "F", "RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        return Image.fromarray(to_grey_u8(img))
+    return img.convert("L")
+
+
+def _decode_bytes(data: bytes, max_pixels: int) -> tuple[Image.Image, dict[str, object]]:
+    """:func:`tasks.datasets.decode` of a file's bytes (already read for the sha256): same checks, same reasons,
+    same pixels (tested), returned as an "L" image because every statistic here is computed by Pillow's C code."""
+    if not data:
+        raise ImageDecodeError("zero-byte file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    raise ImageDecodeError(f"too many pixels: {width}x{height} > {max_pixels}")
+                info = {
+                    "format": img.format or "",
+                    "mode": img.mode,
+                    "width": width,
+                    "height": height,
+                    "frames": int(getattr(img, "n_frames", 1)),
+                }
+                img.seek(0)
+                img.load()
+                ImageOps.exif_transpose(img, in_place=True)
+                return _grey_image(img), info
+    except ImageDecodeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageDecodeError(f"decompression bomb: {exc}") from exc
+    except Image.UnidentifiedImageError:
+        raise ImageDecodeError("not an image (unidentified format)") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        text = str(exc)
+        reason = "truncated image" if "truncated" in text.lower() else f"undecodable: {text}"
+        raise ImageDecodeError(reason) from exc
 
 
 def image_stats(root: Path, rel: str, max_pixels: int) -> dict[str, object]:
@@ -171,28 +233,49 @@ def image_stats(root: Path, rel: str, max_pixels: int) -> dict[str, object]:
     decoded grey pixels and their shape: the exact-duplicate key), ``phash`` (perceptual hash, 16 hex digits) and
     ``file_sha256`` (of the file's bytes). Unreadable images have NaN / None stats.
     """
-    return _measure(root, rel, max_pixels)[0]
+    row, thumb = _measure(str(root), rel, max_pixels)
+    if thumb is not None:
+        row["phash"] = f"{perceptual_hash(thumb):016x}"
+    return row
 
 
-def _measure(root: Path, rel: str, max_pixels: int) -> tuple[dict[str, object], np.ndarray | None]:
-    """:func:`image_stats` and the image's ``NEAR_THUMB_SIDE`` px grey thumbnail (None when unreadable)."""
-    path = Path(root) / rel
-    file_sha = _file_sha256(path)
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+"""TIFF files are decoded from their path: Pillow applies a TIFF's EXIF orientation differently when it reads the
+file than when it reads the same bytes from memory (seen with Pillow 13), and the stats must see the pixels that
+:func:`tasks.datasets.decode` gives the other stages."""
+
+
+def _measure(root: str, rel: str, max_pixels: int) -> tuple[dict[str, object], np.ndarray | None]:
+    """:func:`image_stats` without ``phash`` (computed for all thumbnails at once) and the image's
+    ``NEAR_THUMB_SIDE`` px grey thumbnail (None when unreadable).
+
+    The file is read once: its sha256 and the decode use the same bytes (but TIFFs, see :data:`_TIFF_MAGIC`).
+    """
+    path = os.path.join(root, rel)
     try:
-        grey, info = decode(path, max_pixels)
+        with open(path, "rb") as fh:
+            data: bytes | None = fh.read()
+    except OSError:
+        data = None
+    file_sha = hashlib.sha256(data).hexdigest() if data is not None else None
+    try:
+        if data is not None and data[:4] not in _TIFF_MAGIC:
+            img, info = _decode_bytes(data, max_pixels)
+        else:  # bytes unreadable, or a TIFF: the file decoder, as every other stage decodes it
+            grey, info = decode(Path(path), max_pixels)
+            img = Image.fromarray(np.ascontiguousarray(grey)) if grey.ndim == 2 and grey.size else None
     except ImageDecodeError as exc:
         return _unreadable_row(rel, exc.reason, file_sha), None
     except Exception as exc:  # noqa: BLE001 - a decoder bug on one bad file must not stop the stage
         return _unreadable_row(rel, f"undecodable: {type(exc).__name__}: {exc}", file_sha), None
-    if grey.ndim != 2 or grey.size == 0:
+    del data
+    if img is None or img.width == 0 or img.height == 0:
         return _unreadable_row(rel, f"empty image ({info['width']}x{info['height']} pixels)", file_sha), None
-    grey = np.ascontiguousarray(grey)
-    h, w = grey.shape
-    img = Image.fromarray(grey)  # "L"; histogram and thumbnail in Pillow's C code
+    w, h = img.size
     brightness, contrast = _mean_std(img.histogram())
     pixel_hash = hashlib.sha256(f"{h}x{w}:".encode())
-    pixel_hash.update(grey.data)
-    thumb = np.asarray(img.resize((NEAR_THUMB_SIDE, NEAR_THUMB_SIDE), Image.Resampling.BOX))
+    pixel_hash.update(img.tobytes())
+    thumb = _pixels(img.resize((NEAR_THUMB_SIDE, NEAR_THUMB_SIDE), Image.Resampling.BOX))
     return {
         "image": rel,
         "readable": True,
@@ -207,7 +290,7 @@ def _measure(root: Path, rel: str, max_pixels: int) -> tuple[dict[str, object], 
         "contrast": contrast,
         "aspect": max(h, w) / min(h, w),
         "pixel_hash": pixel_hash.hexdigest(),
-        "phash": f"{perceptual_hash(thumb):016x}",
+        "phash": None,
         "file_sha256": file_sha,
     }, thumb
 
@@ -309,7 +392,7 @@ def _similar_to(stats: pd.DataFrame, thumbs: list[np.ndarray | None]) -> tuple[l
     return similar, values
 
 
-def _measure_many(root: Path, max_pixels: int, images: list[str]) -> list[tuple[dict[str, object], np.ndarray | None]]:
+def _measure_many(root: str, max_pixels: int, images: list[str]) -> list[tuple[dict[str, object], np.ndarray | None]]:
     return [_measure(root, rel, max_pixels) for rel in images]
 
 
@@ -324,7 +407,7 @@ def compute_stats(
     but for the 1 KB thumbnail kept per image for the near-duplicate search. With a ``mapper``
     (:mod:`tasks.parallel`) chunks of ``chunk`` images are measured by the flow's task runner (e.g. Dask) instead.
     """
-    root = Path(root)
+    root = str(root)
     if len(set(images)) != len(images):
         dupes = sorted(k for k, n in Counter(images).items() if n > 1)
         raise ValueError(f"image list has repeated paths: {dupes[:5]}")
@@ -338,6 +421,10 @@ def compute_stats(
         measured = [_measure(root, rel, max_pixels) for rel in images]
     rows = [row for row, _ in measured]
     thumbs = [thumb for _, thumb in measured]
+    readable = [i for i, thumb in enumerate(thumbs) if thumb is not None]
+    if readable:
+        for i, h in zip(readable, perceptual_hashes(np.stack([thumbs[i] for i in readable])).tolist(), strict=True):
+            rows[i]["phash"] = f"{h:016x}"
     stats = pd.DataFrame.from_records(rows, columns=IMAGE_STAT_COLUMNS).astype(_DTYPES)
     stats["duplicate_of"] = pd.Series(_duplicate_of(stats), index=stats.index, dtype=object)
     similar, values = _similar_to(stats, thumbs)

@@ -19,7 +19,7 @@ from PIL import Image, features
 from scipy import ndimage
 
 from tasks.config import ValidateParams
-from tasks.datasets import discover
+from tasks.datasets import ImageDecodeError, decode, discover
 from tasks.quality import (
     IMAGE_STAT_COLUMNS,
     STAT_COLUMNS,
@@ -27,6 +27,8 @@ from tasks.quality import (
     image_stats,
     laplacian_variance,
     near_duplicates,
+    perceptual_hash,
+    perceptual_hashes,
     suite_digest,
     suite_path,
     validate_stats,
@@ -283,11 +285,66 @@ def test_bomb_is_refused_before_decoding(folder):
         assert img.size == (9000, 9000)
 
 
+def test_one_read_sees_what_the_project_decoder_sees(folder, stats, tmp_path):
+    """The stats read each file once (sha256 and pixels from the same bytes) and decode it themselves: they must see
+    the pixels ``tasks.datasets.decode`` gives every other stage, fail with its reasons, and apply EXIF rotation."""
+    root, _, images = folder
+    rng = np.random.default_rng(11)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees
+    Image.fromarray(_noise(rng, (30, 50, 3))).save(tmp_path / "rotated.jpg", exif=exif)
+    Image.fromarray(_noise(rng, (30, 50))).save(tmp_path / "rotated.png", exif=exif)
+    Image.fromarray(_noise(rng, (30, 50))).save(tmp_path / "rotated.tif", exif=exif)
+    by_image = stats.set_index("image")
+    for base, rels in ((root, images), (tmp_path, ["rotated.jpg", "rotated.png", "rotated.tif"])):
+        for rel in rels:
+            row = image_stats(base, rel, PARAMS.max_pixels)
+            if base == root:  # the table's rows are image_stats' rows (phash computed for all at once)
+                assert {k: _native(v) for k, v in by_image.loc[rel].items() if k in row} == {
+                    k: _native(v) for k, v in row.items() if k != "image"
+                }, rel
+            try:
+                grey, info = decode(base / rel, PARAMS.max_pixels)
+            except ImageDecodeError as exc:
+                assert (row["readable"], row["error"]) == (False, exc.reason), rel
+                continue
+            h, w = grey.shape
+            assert row["pixel_hash"] == hashlib.sha256(f"{h}x{w}:".encode() + grey.tobytes()).hexdigest(), rel
+            assert [row[k] for k in ("format", "mode", "width", "height", "frames")] == [info[k] for k in info], rel
+            assert row["file_sha256"] == hashlib.sha256((base / rel).read_bytes()).hexdigest()
+            if rel in ("rotated.jpg", "rotated.png"):  # (a TIFF's orientation is Pillow's affair: equal is enough)
+                assert (h, w, row["aspect"]) == (50, 30, 50 / 30), rel
+
+
+def _native(value: object) -> object:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA else value
+
+
+def test_perceptual_hashes_at_once_are_the_one_by_one_hashes():
+    from scipy.fft import dctn
+
+    def one(thumb: np.ndarray) -> int:  # the definition: DCT of one thumbnail, compared with np.median
+        coef = dctn(thumb.astype(np.float64), norm="ortho")[:8, :8].ravel()
+        return int.from_bytes(np.packbits(coef > np.median(coef)).tobytes(), "big")
+
+    rng = np.random.default_rng(5)
+    thumbs = rng.integers(0, 256, (300, 32, 32), dtype=np.uint8)
+    thumbs[0] = 7  # flat: every AC coefficient is rounding noise, the bits must still agree
+    thumbs[1] = np.arange(32, dtype=np.uint8)[None, :] * 8
+    expected = [one(t) for t in thumbs]
+    assert perceptual_hashes(thumbs).tolist() == expected
+    assert [perceptual_hash(t) for t in thumbs[:20]] == expected[:20]
+    assert perceptual_hashes(thumbs[:0]).shape == (0,)
+
+
 def test_laplacian_variance_is_scipys():
     rng = np.random.default_rng(3)
     for shape in [(128, 128), (128, 37), (1, 128), (128, 1), (1, 1), (2, 3)]:
         img = rng.integers(0, 256, shape, dtype=np.uint8)
         assert laplacian_variance(img) == pytest.approx(ndimage.laplace(img.astype(np.float64)).var(), rel=1e-12)
+        lap = ndimage.laplace(img.astype(np.int64)).ravel().tolist()  # exact integers: the variance, exactly
+        n, s1, s2 = len(lap), sum(lap), sum(v * v for v in lap)
+        assert s1 == 0 and laplacian_variance(img) == (s2 * n - s1 * s1) / (n * n)
 
 
 def test_workers_give_the_same_table(folder, stats):
