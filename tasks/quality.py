@@ -176,11 +176,13 @@ def _grey_image(img: Image.Image) -> Image.Image:
     if img.mode == "L":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L"):
-        # to_grey_u8's float64 scaling by the image's range, done once per grey level present (a lookup table with
-        # the same float64 operations per level, so the same bytes) instead of once per pixel
+        # to_grey_u8's float64 scaling by the image's range (the same float64 operations, so the same bytes), done
+        # once per level of the range (a lookup table) when the range is smaller than the image, else per pixel
         arr = np.asarray(img)
         lo, hi = int(arr.min()), int(arr.max())
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        if hi - lo + 1 > arr.size:
+            return Image.fromarray(np.clip((arr.astype(np.float64) - lo) * scale, 0, 255).astype(np.uint8))
         lut = np.clip((np.arange(lo, hi + 1, dtype=np.float64) - lo) * scale, 0, 255).astype(np.uint8)
         return Image.fromarray(lut[arr - np.asarray(lo, dtype=arr.dtype)])
     if img.mode in ("I", "F", "RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):

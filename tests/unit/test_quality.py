@@ -320,6 +320,23 @@ def _native(value: object) -> object:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA else value
 
 
+def test_16_bit_images_get_to_grey_u8s_pixels():
+    """16-bit images are scaled by their range with a lookup table (small range) or per pixel (large range): both
+    must give the bytes of ``tasks.datasets.to_grey_u8``, little- and big-endian."""
+    from tasks.datasets import to_grey_u8
+    from tasks.quality import _grey_image
+
+    rng = np.random.default_rng(1)
+    for shape in [(37, 53), (300, 300)]:
+        for lo, hi in [(0, 65535), (100, 101), (5, 5), (0, 1), (1000, 40000), (65535, 65535), (0, 255)]:
+            a = rng.integers(lo, hi + 1, shape).astype(np.uint16)
+            little = Image.fromarray(a)
+            big = Image.frombytes("I;16B", little.size, a.astype(">u2").tobytes())
+            for img in (little, big):
+                grey = _grey_image(img)
+                assert grey.mode == "L" and np.array_equal(np.asarray(grey), to_grey_u8(img)), (img.mode, lo, hi)
+
+
 def test_perceptual_hashes_at_once_are_the_one_by_one_hashes():
     from scipy.fft import dctn
 
