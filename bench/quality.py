@@ -57,10 +57,16 @@ METHODS = {
         {"method": "combo", "blocks": {"simclr": 1.0, "stats": 1.0, "lbp": 1.0, "morph": 1.0}},
         {"method": "scan"},
     ),
+    "morph → SCAN (candidates by modularity)": ({"method": "morph"}, {}),
+    "default embedding → SCAN, k-means start only, entropy 2 (old selection)": (
+        {},
+        {"init": ["kmeans"], "entropy_weight": 2.0},
+    ),
     "default embedding → k-means": ({}, {"method": "kmeans"}),
     "default embedding → HDBSCAN": ({}, {"method": "hdbscan"}),
     "default embedding → agglomerative": ({}, {"method": "agglomerative"}),
 }
+DEFAULT_NAME = "DEFAULT (params.yaml): morph+stats+LBP → SCAN, candidates by modularity"
 KEYS = ("acc", "nmi", "ari", "macro_recall", "rare_class_recall")
 
 
@@ -94,7 +100,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     torch.set_num_threads(args.threads)
     defaults = load_params(ROOT / "params.yaml")
-    methods = {**BASELINES, "DEFAULT (params.yaml): stats+LBP+morph → SCAN": ({}, {}), **METHODS}
+    methods = {**BASELINES, DEFAULT_NAME: ({}, {}), **METHODS}
     if args.methods:
         methods = {k: v for k, v in methods.items() if any(m.lower() in k.lower() for m in args.methods)}
     records: list[dict[str, Any]] = []

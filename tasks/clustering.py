@@ -8,7 +8,11 @@ Methods (``cluster.method``):
 - ``scan``: a neighbour-consistency head (SCAN, Van Gansbeke et al. 2020) on the fixed vectors: each image and its
   ``neighbours`` nearest neighbours are pushed into the same cluster, an entropy term keeps every cluster in use;
   ``heads`` heads are trained from different starts and the one with the lowest loss (its own, label-free) is kept;
-  optional self-labelling on the confident images. Initialised from k-means, so it refines rather than replaces.
+  optional self-labelling on the confident images. This is done once per start partition (``init``: k-means and/or
+  spectral clustering of the neighbour graph) and per ``entropy_weight``, and of these candidates the partition with
+  the highest modularity on the neighbour graph is kept: label-free, and not biased to equal sizes, so a rare type
+  that forms a tight group can keep its own cluster (a low entropy weight from a spectral start allows that; a high
+  one from k-means suits balanced data).
 - ``hdbscan``: density-based (scikit-learn HDBSCAN) on a PCA projection; finds the number of clusters itself;
   noise points are attached to the nearest cluster with confidence 0 (they go to review).
 - ``agglomerative``: Ward linkage on a PCA projection (fitted on at most ``max_fit`` images).
@@ -202,20 +206,44 @@ def _scan_loss(p_a, p_b, entropy_weight: float):
     return cons + entropy_weight * neg_entropy
 
 
-def _scan(x: np.ndarray, k: int, params: ClusterParams, seed: int, init: np.ndarray) -> tuple[list, dict]:
-    """Train ``params.heads`` SCAN heads on fixed, L2-normalised vectors; return the best head's layers."""
+def _scan(
+    x: np.ndarray,
+    k: int,
+    params: ClusterParams,
+    seed: int,
+    init: np.ndarray,
+    nn: np.ndarray | None = None,
+    entropy_weight: float | None = None,
+) -> tuple[list, dict]:
+    """Train ``params.heads`` SCAN heads on fixed, L2-normalised vectors; return the best head's layers.
+
+    Head 0 starts as the prototype classifier of the partition ``init``; ``nn`` are the neighbour indices
+    (:func:`knn_indices`, computed here when not given).
+    """
     import torch
+
+    ew = _entropy_weights(params)[0] if entropy_weight is None else float(entropy_weight)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny tensors: threads only add synchronisation (and stall on a busy machine)
     try:
         gen = torch.Generator().manual_seed(seed)
         n, d = x.shape
-        nn_idx = torch.from_numpy(knn_indices(x, params.neighbours))
+        nn_idx = torch.from_numpy(knn_indices(x, params.neighbours) if nn is None else nn)
         xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         heads = _Heads(params.heads, d, k, params.hidden, gen, _prototypes(x, init, k))
         opt = torch.optim.Adam(heads.parameters(), lr=params.lr, weight_decay=1e-4)
         bs = min(512, n)
+        if params.hidden:  # a hidden-layer head 0 cannot be set to the prototypes: fit it to the init partition
+            target = torch.from_numpy(np.asarray(init, dtype=np.int64))
+            for _ in range(5):
+                perm = torch.randperm(n, generator=gen)
+                for s in range(max(1, n // bs)):
+                    idx = perm[s * bs : (s + 1) * bs]
+                    loss = torch.nn.functional.cross_entropy(heads.logits(xt[idx])[0], target[idx])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
         for _ in range(params.epochs):
             perm = torch.randperm(n, generator=gen)
             for s in range(max(1, n // bs)):
@@ -223,7 +251,7 @@ def _scan(x: np.ndarray, k: int, params: ClusterParams, seed: int, init: np.ndar
                 nb = nn_idx[idx, torch.randint(0, nn_idx.shape[1], (len(idx),), generator=gen)]
                 p_a = torch.softmax(heads.logits(xt[idx]), -1)
                 p_b = torch.softmax(heads.logits(xt[nb]), -1)
-                loss = _scan_loss(p_a, p_b, params.entropy_weight).sum()
+                loss = _scan_loss(p_a, p_b, ew).sum()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -234,7 +262,7 @@ def _scan(x: np.ndarray, k: int, params: ClusterParams, seed: int, init: np.ndar
             for h in range(params.heads):
                 cons = -torch.log((p[h].unsqueeze(1) * p[h][nn_idx]).sum(-1).clamp_min(1e-8)).mean()
                 mean = p[h].mean(0)
-                scores.append(float(cons + params.entropy_weight * (mean * torch.log(mean.clamp_min(1e-8))).sum()))
+                scores.append(float(cons + ew * (mean * torch.log(mean.clamp_min(1e-8))).sum()))
         best = int(np.argmin(scores))
         layers = heads.export(best)
         if params.self_label:
@@ -242,6 +270,74 @@ def _scan(x: np.ndarray, k: int, params: ClusterParams, seed: int, init: np.ndar
     finally:
         torch.set_num_threads(threads)
     return layers, {"head_losses": [round(v, 5) for v in scores], "best_head": best}
+
+
+def _entropy_weights(params: ClusterParams) -> list[float]:
+    w = params.entropy_weight
+    return [float(v) for v in w] if isinstance(w, list) else [float(w)]
+
+
+def knn_graph(nn: np.ndarray):
+    """Symmetric 0/1 sparse adjacency of a nearest-neighbour list ``(N, m)`` (i~j when either lists the other)."""
+    from scipy import sparse
+
+    n, m = nn.shape
+    a = sparse.csr_matrix((np.ones(n * m, np.float32), (np.repeat(np.arange(n), m), nn.ravel())), shape=(n, n))
+    a = a.maximum(a.T)
+    return a.tocsr()
+
+
+def modularity(graph, labels: np.ndarray) -> float:
+    """Newman modularity of a partition of an undirected graph: the share of edges inside clusters minus what
+    random wiring with the same degrees would put there. Label-free; unlike k-means inertia or SCAN's entropy term
+    it does not favour equal cluster sizes, and unlike plain neighbour agreement it does not favour one giant
+    cluster, so a small, tight cluster (a rare defect type) scores as well as a large one."""
+    from scipy import sparse
+
+    labels = np.asarray(labels)
+    k = int(labels.max()) + 1
+    member = sparse.csr_matrix((np.ones(len(labels)), (np.arange(len(labels)), labels)), shape=(len(labels), k))
+    inside = float((member.T @ graph @ member).diagonal().sum())
+    two_m = float(graph.sum())
+    degree = np.asarray(member.T @ np.asarray(graph.sum(axis=1)).ravel()).ravel()
+    return inside / two_m - float(((degree / two_m) ** 2).sum())
+
+
+def spectral_labels(graph, k: int, seed: int) -> np.ndarray | None:
+    """Spectral clustering of the neighbour graph (sklearn, ``cluster_qr``: no k-means restarts), or ``None`` when
+    it cannot run (too few images). Unlike k-means it follows the graph, so it keeps small dense groups."""
+    from sklearn.cluster import SpectralClustering
+
+    if graph.shape[0] <= 2 * k:
+        return None
+    sc = SpectralClustering(k, affinity="precomputed", random_state=seed, assign_labels="cluster_qr")
+    labels = sc.fit_predict(graph)
+    return _relabel(labels)[0] if len(np.unique(labels)) >= 2 else None
+
+
+def _scan_candidates(
+    x: np.ndarray, k: int, params: ClusterParams, seed: int, kmeans_labels: np.ndarray
+) -> tuple[list, dict]:
+    """SCAN heads from every init (``cluster.init``) and entropy weight; the partition with the highest
+    modularity on the neighbour graph wins (label-free model selection across candidates)."""
+    nn = knn_indices(x, params.neighbours)
+    graph = knn_graph(nn)
+    inits: dict[str, np.ndarray] = {}
+    for name in params.init:
+        labels = kmeans_labels if name == "kmeans" else spectral_labels(graph, k, seed)
+        if labels is not None:
+            inits[name] = labels
+    best: tuple[float, list, dict] | None = None
+    candidates = []
+    for name, init in inits.items():
+        for ew in _entropy_weights(params):
+            head, info = _scan(x, k, params, seed, init, nn=nn, entropy_weight=ew)
+            q = modularity(graph, _head_probs(head, x).argmax(axis=1))
+            candidates.append({"init": name, "entropy_weight": ew, "modularity": round(q, 5)})
+            if best is None or q > best[0]:
+                best = (q, head, {**info, "init": name, "entropy_weight": ew})
+    assert best is not None  # kmeans labels always exist; the config forbids an empty init list
+    return best[1], {**best[2], "candidates": candidates}
 
 
 def _self_label(layers, xt, k: int, params: ClusterParams, gen) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -303,7 +399,7 @@ def cluster(vectors: np.ndarray, params: ClusterParams, seed: int) -> Clustering
             k = min(params.k, n)
         labels = _kmeans(fit, k, params.n_init, seed)
         if method == "scan" and k >= 2:
-            head, scan_info = _scan(fit, k, params, seed, labels)
+            head, scan_info = _scan_candidates(fit, k, params, seed, labels)
             info.update(scan_info)
             labels = _head_probs(head, fit).argmax(axis=1)
             model = ClusterModel(method, _prototypes(fit, labels, k), mean, head=head, info=info)

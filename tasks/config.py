@@ -84,7 +84,7 @@ class EmbedParams(_Section):
         "combo", description="What makes the vectors (tasks/embedding.py); combo = weighted blocks (embed.blocks)."
     )
     blocks: dict[str, float] = Field(
-        default_factory=lambda: {"stats": 1.0, "lbp": 1.0, "morph": 1.0},
+        default_factory=lambda: {"morph": 1.0, "stats": 0.5, "lbp": 0.5},
         description="combo: block → weight (its share of the distance); blocks are any other method.",
     )
     backbone: str = Field("small", description="small (a CNN for grey patches) or a torchvision classifier name.")
@@ -116,11 +116,19 @@ class ClusterParams(_Section):
     center: bool = Field(True, description="Subtract the mean vector before the cosine geometry.")
     neighbours: int = Field(10, ge=1, description="scan: nearest neighbours pushed into the same cluster.")
     heads: int = Field(8, ge=1, description="scan: heads trained from different starts; the lowest loss is kept.")
-    epochs: int = Field(40, ge=1, description="scan: passes over the data.")
-    lr: float = Field(1e-3, gt=0.0, description="scan: Adam learning rate.")
+    epochs: int = Field(60, ge=1, description="scan: passes over the data.")
+    lr: float = Field(1e-2, gt=0.0, description="scan: Adam learning rate.")
     hidden: int = Field(0, ge=0, description="scan: hidden units of the head; 0 = a linear head.")
-    entropy_weight: float = Field(
-        2.0, ge=0.0, description="scan: weight of the term that keeps every cluster in use (not a size prior)."
+    entropy_weight: float | list[float] = Field(
+        [2.0, 0.5],
+        description="scan: weight of the term that keeps every cluster in use (not a size prior); a list trains "
+        "one candidate per weight (a low weight lets rare types keep small clusters).",
+    )
+    init: list[Literal["kmeans", "spectral"]] = Field(
+        ["kmeans", "spectral"],
+        min_length=1,
+        description="scan: partitions the heads start from (kmeans; spectral = the nearest-neighbour graph); one "
+        "candidate per init and entropy weight, the one with the highest graph modularity is kept (label-free).",
     )
     self_label: bool = Field(False, description="scan: fine-tune on the head's own confident predictions.")
     self_label_threshold: float = Field(0.99, gt=0.0, lt=1.0)
@@ -138,6 +146,9 @@ class ClusterParams(_Section):
             raise ValueError("cluster.k must be 0 (automatic) or at least 2")
         if self.k_min > self.k_max:
             raise ValueError("cluster.k_min must not exceed cluster.k_max")
+        weights = self.entropy_weight if isinstance(self.entropy_weight, list) else [self.entropy_weight]
+        if not weights or any(w < 0 for w in weights):
+            raise ValueError("cluster.entropy_weight must be a number >= 0 or a non-empty list of them")
         return self
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from tasks.clustering import assign, cluster, knn_indices
+from tasks.clustering import assign, cluster, knn_graph, knn_indices, modularity
 from tasks.config import ClusterParams
 
 
@@ -95,3 +95,36 @@ def test_invalid_k_is_refused():
         ClusterParams(k=1)
     with pytest.raises(ValueError, match="at least 2 images"):
         cluster(np.zeros((1, 3), np.float32), ClusterParams(k=2), seed=0)
+
+
+def test_modularity_of_known_partitions():
+    # two disjoint 4-cliques: the right split scores 1/2, everything in one cluster 0, a wrong split below both
+    nn = np.array([[j for j in range(4) if j != i] for i in range(4)] * 1)
+    nn = np.concatenate([nn, nn + 4])
+    graph = knn_graph(nn)
+    right = np.repeat([0, 1], 4)
+    assert modularity(graph, right) == pytest.approx(0.5)
+    assert modularity(graph, np.zeros(8, int)) == pytest.approx(0.0)
+    assert modularity(graph, np.tile([0, 1], 4)) < 0
+
+
+def test_scan_candidates_are_chosen_by_modularity_and_recorded():
+    x, y = _blobs(sizes=(150, 150, 12))
+    params = ClusterParams(method="scan", k=3, entropy_weight=[2.0, 0.5], init=["kmeans", "spectral"], **FAST_SCAN)
+    result = cluster(x, params, seed=0)
+    cands = result.model.info["candidates"]
+    assert {(c["init"], c["entropy_weight"]) for c in cands} == {
+        ("kmeans", 2.0), ("kmeans", 0.5), ("spectral", 2.0), ("spectral", 0.5)
+    }
+    best = max(cands, key=lambda c: c["modularity"])
+    assert (result.model.info["init"], result.model.info["entropy_weight"]) == (best["init"], best["entropy_weight"])
+    assert adjusted_rand_score(y, result.labels) > 0.9
+
+
+def test_entropy_weight_must_be_non_negative():
+    with pytest.raises(ValueError, match="entropy_weight"):
+        ClusterParams(entropy_weight=[2.0, -1.0])
+    with pytest.raises(ValueError, match="entropy_weight"):
+        ClusterParams(entropy_weight=[])
+    with pytest.raises(ValueError):
+        ClusterParams(init=["ward"])
