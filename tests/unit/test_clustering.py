@@ -128,3 +128,18 @@ def test_entropy_weight_must_be_non_negative():
         ClusterParams(entropy_weight=[])
     with pytest.raises(ValueError):
         ClusterParams(init=["ward"])
+
+
+def test_spectral_start_on_a_sample_above_spectral_n(monkeypatch):
+    """Above SPECTRAL_N the spectral start is fitted on a sample and the rest join their nearest cluster."""
+    import tasks.clustering as clustering
+
+    x, y = _blobs(sizes=(150, 150, 30))
+    monkeypatch.setattr(clustering, "SPECTRAL_N", 120)
+    sizes: list[int] = []  # the real spectral_labels, recording the size of the graph it solves
+    real = clustering.spectral_labels
+    monkeypatch.setattr(clustering, "spectral_labels", lambda g, k, s: sizes.append(g.shape[0]) or real(g, k, s))
+    params = ClusterParams(method="scan", k=3, init=["spectral"], entropy_weight=0.5, **FAST_SCAN)
+    result = cluster(x, params, seed=0)
+    assert sizes == [120] and result.model.info["init"] == "spectral"
+    assert adjusted_rand_score(y, result.labels) > 0.9
