@@ -6,8 +6,9 @@ Every ratio is measured side by side in one run of this script, on synthetic dat
    same pre-decoded images with the same model, batch and threads: for the default combo, the descriptor functions
    (``tasks.descriptors.*_features``) in chunks of ``runner.chunk``; for ``embed.method=cnn``, ``model(x)`` under
    ``torch.no_grad`` over pre-made uint8 tensors of 256 images.
-2. ``stats_vs_decode``: images/s of ``tasks.quality.compute_stats`` vs a bare Pillow loop ``Image.open(p).load()``
-   (and vs ``tasks.datasets.decode``, the project's decoder) over the same files, page cache warm for both.
+2. ``stats_vs_decode``: images/s of ``tasks.quality.compute_stats`` as the stage calls it (``DEFAULT_WORKERS``
+   threads) vs a bare single-threaded Pillow loop ``Image.open(p).load()`` (and vs ``tasks.datasets.decode``, the
+   project's decoder) over the same files, page cache warm for both; one thread and two threads are also measured.
 3. ``orchestration_overhead``: wall time of ``autolabel run`` (Prefect flow, MLflow, DVC, git, process start) vs the
    same compute stages called as plain functions (run_validate ... run_publish) in a fresh process;
    ``(flow - plain) / flow``.
@@ -124,6 +125,19 @@ def measure(cmd: list[str], log_path: Path, timeout: float | None = None) -> dic
         tail = log_path.read_text(errors="replace")[-3000:]
         raise RuntimeError(f"{result['command']} failed ({proc.returncode}):\n{tail}")
     return result
+
+
+def prefect_template() -> Path | None:
+    """The migrated Prefect database new workspaces start from (``flows.cli._prefect_template``), if this code has
+    one: whether it existed before a flow run changes that run's start-up by 10-20 s, so it is recorded."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        prefect_version = version("prefect")
+    except PackageNotFoundError:
+        return None
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aoi-autolabel"
+    return cache / f"prefect-{prefect_version}.db"
 
 
 def flow_phases(log_path: Path, start_clock: float, seconds: float) -> dict[str, float]:
@@ -321,7 +335,22 @@ class Bench:
         images = images_set(self.data, n)
         shutil.rmtree(ws, ignore_errors=True)
         cmd = [*NICE, *AUTOLABEL, "run", "--images", str(images), "--workspace", str(ws)]
-        return self.record(f"flow:{n}", {"n": n, "workspace": str(ws), **measure(cmd, self.logs / f"flow-{n}.log")})
+        template = prefect_template()
+        had_template = template is not None and template.is_file()
+        m = measure(cmd, self.logs / f"flow-{n}.log")
+        phases = flow_phases(Path(m["log"]), m["start_clock"], m["seconds"])
+        machinery = round(sum(v for k, v in phases.items() if k not in COMPUTE_PHASES), 1)
+        return self.record(
+            f"flow:{n}",
+            {
+                "n": n,
+                "workspace": str(ws),
+                **m,
+                "prefect_template_before": had_template,  # False: this run also made the machine's template
+                "phases": phases,
+                "machinery_s": machinery,
+            },
+        )
 
     def plain(self, n: int) -> dict[str, Any]:
         ws = self.ws / f"plain-{n}"
@@ -455,9 +484,10 @@ class Bench:
                     pass
 
         sides = {
-            "compute_stats": lambda: quality.compute_stats(root, images, max_pixels),
+            "compute_stats": lambda: quality.compute_stats(root, images, max_pixels),  # as the stage calls it
             "pillow_load": bare_pillow,
             "datasets_decode": bare_decode,
+            "compute_stats_1_thread": lambda: quality.compute_stats(root, images, max_pixels, workers=1),
             "compute_stats_2_threads": lambda: quality.compute_stats(root, images, max_pixels, workers=2),
         }
         out: dict[str, Any] = {"n": len(images), "load_before": load_average(), "reps": self.args.reps}
@@ -472,6 +502,8 @@ class Bench:
             seconds=times,
             img_s={k: round(v, 1) for k, v in ips.items()},
             ratio=round(ips["compute_stats"] / ips["pillow_load"], 3),
+            ratio_1_thread=round(ips["compute_stats_1_thread"] / ips["pillow_load"], 3),
+            default_workers=getattr(quality, "DEFAULT_WORKERS", 1),
             ratio_vs_datasets_decode=round(ips["compute_stats"] / ips["datasets_decode"], 3),
             load_after=load_average(),
         )
@@ -508,7 +540,13 @@ def ratios(state: dict[str, Any], mode: str, sizes: dict[str, Any]) -> dict[str,
         out["embed_vs_bare"] = {"value": e["combo (default)"]["ratio"], "cnn": e["cnn"]["ratio"], "n": e["n"]}
     if f"stats:{micro}" in m:
         s = m[f"stats:{micro}"]
-        out["stats_vs_decode"] = {"value": s["ratio"], "vs_datasets_decode": s["ratio_vs_datasets_decode"], "n": s["n"]}
+        out["stats_vs_decode"] = {
+            "value": s["ratio"],
+            "vs_datasets_decode": s["ratio_vs_datasets_decode"],
+            "one_thread": s.get("ratio_1_thread"),
+            "default_workers": s.get("default_workers", 1),
+            "n": s["n"],
+        }
     if f"flow:{n}" in m and f"plain:{n}" in m:
         f, p = m[f"flow:{n}"]["seconds"], m[f"plain:{n}"]["seconds"]
         out["orchestration_overhead"] = {

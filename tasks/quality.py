@@ -38,7 +38,9 @@ import os
 import re
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -55,6 +57,9 @@ from tasks.parallel import Mapper, spans
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
 THUMB_SIDE = 128  # the sharpness is measured on the grey image resized so that its longest side is this
 NEAR_THUMB_SIDE = 32  # near duplicates: the perceptual hash and the similarity are computed on this square thumbnail
+DEFAULT_WORKERS = min(2, os.cpu_count() or 1)
+"""Threads measuring images when the caller does not say: on 2 shared cores (load 5) two threads measured 1.3x the
+images/s of one on the 2k synthetic set and 1.6x on DeepPCB's 640 px JPEGs (bench/RESULTS.md, Performance)."""
 NEAR_HASH_BITS = 10
 """Near-duplicate search radius: only images whose perceptual hashes differ in at most this many of the 64 bits are
 compared (a recall knob, not the decision: copies re-encoded as JPEG q75, noised or resized by 10 % stayed within
@@ -195,24 +200,22 @@ def _decode_bytes(data: bytes, max_pixels: int) -> tuple[Image.Image, dict[str, 
     same pixels (tested), returned as an "L" image because every statistic here is computed by Pillow's C code."""
     if not data:
         raise ImageDecodeError("zero-byte file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-                if width * height > max_pixels:
-                    raise ImageDecodeError(f"too many pixels: {width}x{height} > {max_pixels}")
-                info = {
-                    "format": img.format or "",
-                    "mode": img.mode,
-                    "width": width,
-                    "height": height,
-                    "frames": int(getattr(img, "n_frames", 1)),
-                }
-                img.seek(0)
-                img.load()
-                ImageOps.exif_transpose(img, in_place=True)
-                return _grey_image(img), info
+    try:  # the caller turns DecompressionBombWarning into an error (see _bomb_warnings_are_errors)
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(f"too many pixels: {width}x{height} > {max_pixels}")
+            info = {
+                "format": img.format or "",
+                "mode": img.mode,
+                "width": width,
+                "height": height,
+                "frames": int(getattr(img, "n_frames", 1)),
+            }
+            img.seek(0)
+            img.load()
+            ImageOps.exif_transpose(img, in_place=True)
+            return _grey_image(img), info
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -225,6 +228,16 @@ def _decode_bytes(data: bytes, max_pixels: int) -> tuple[Image.Image, dict[str, 
         raise ImageDecodeError(reason) from exc
 
 
+@contextmanager
+def _bomb_warnings_are_errors() -> Iterator[None]:
+    """Pillow's DecompressionBombWarning raised as an error (as ``tasks.datasets.decode`` does), set once around
+    all the images: warnings filters are process-wide, so one ``catch_warnings`` per image in several threads would
+    restore each other's filters in the middle of a decode (and a bomb's reason would depend on timing)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
 def image_stats(root: Path, rel: str, max_pixels: int) -> dict[str, object]:
     """Decode ``root/rel`` once and measure it; an image that cannot be decoded still gets a row.
 
@@ -235,7 +248,8 @@ def image_stats(root: Path, rel: str, max_pixels: int) -> dict[str, object]:
     decoded grey pixels and their shape: the exact-duplicate key), ``phash`` (perceptual hash, 16 hex digits) and
     ``file_sha256`` (of the file's bytes). Unreadable images have NaN / None stats.
     """
-    row, thumb = _measure(str(root), rel, max_pixels)
+    with _bomb_warnings_are_errors():
+        row, thumb = _measure(str(root), rel, max_pixels)
     if thumb is not None:
         row["phash"] = f"{perceptual_hash(thumb):016x}"
     return row
@@ -395,32 +409,41 @@ def _similar_to(stats: pd.DataFrame, thumbs: list[np.ndarray | None]) -> tuple[l
 
 
 def _measure_many(root: str, max_pixels: int, images: list[str]) -> list[tuple[dict[str, object], np.ndarray | None]]:
-    return [_measure(root, rel, max_pixels) for rel in images]
+    with _bomb_warnings_are_errors():
+        return [_measure(root, rel, max_pixels) for rel in images]
 
 
 def compute_stats(
-    root: Path, images: list[str], max_pixels: int, workers: int = 1, mapper: Mapper | None = None, chunk: int = 512
+    root: Path,
+    images: list[str],
+    max_pixels: int,
+    workers: int | None = None,
+    mapper: Mapper | None = None,
+    chunk: int = 512,
 ) -> pd.DataFrame:
     """Stats for ``images`` (paths relative to ``root``), one row each in the given order, plus ``duplicate_of``,
     ``similar_to`` and ``similarity`` (near-duplicate candidates, see the module docstring).
 
-    With ``workers > 1`` images are measured in a thread pool (Pillow's decoders and resize, and hashlib, release
-    the GIL); each worker holds one decoded image at a time, so memory stays flat whatever the number of images
-    but for the 1 KB thumbnail kept per image for the near-duplicate search. With a ``mapper``
+    With ``workers > 1`` (default :data:`DEFAULT_WORKERS`) images are measured in a thread pool (Pillow's decoders
+    and resize, and hashlib, release the GIL); each worker holds one decoded image at a time, so memory stays flat
+    whatever the number of images but for the 1 KB thumbnail kept per image for the near-duplicate search. With a
+    ``mapper``
     (:mod:`tasks.parallel`) chunks of ``chunk`` images are measured by the flow's task runner (e.g. Dask) instead.
     """
     root = str(root)
     if len(set(images)) != len(images):
         dupes = sorted(k for k, n in Counter(images).items() if n > 1)
         raise ValueError(f"image list has repeated paths: {dupes[:5]}")
-    if mapper is not None:
-        parts = mapper(partial(_measure_many, root, max_pixels), [images[a:b] for a, b in spans(len(images), chunk)])
-        measured = [m for part in parts for m in part]
-    elif workers > 1 and len(images) > 1:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image-stats") as pool:
-            measured = list(pool.map(lambda rel: _measure(root, rel, max_pixels), images))
-    else:
-        measured = [_measure(root, rel, max_pixels) for rel in images]
+    workers = DEFAULT_WORKERS if workers is None else workers
+    with _bomb_warnings_are_errors():
+        if mapper is not None:
+            chunks = [images[a:b] for a, b in spans(len(images), chunk)]
+            measured = [m for part in mapper(partial(_measure_many, root, max_pixels), chunks) for m in part]
+        elif workers > 1 and len(images) > 1:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image-stats") as pool:
+                measured = list(pool.map(lambda rel: _measure(root, rel, max_pixels), images))
+        else:
+            measured = [_measure(root, rel, max_pixels) for rel in images]
     rows = [row for row, _ in measured]
     thumbs = [thumb for _, thumb in measured]
     readable = [i for i, thumb in enumerate(thumbs) if thumb is not None]

@@ -366,7 +366,22 @@ def test_laplacian_variance_is_scipys():
 
 def test_workers_give_the_same_table(folder, stats):
     root, _, images = folder
-    pd.testing.assert_frame_equal(compute_stats(root, images, PARAMS.max_pixels, workers=3), stats)
+    for workers in (1, 3):  # the fixture used the default (DEFAULT_WORKERS threads)
+        pd.testing.assert_frame_equal(compute_stats(root, images, PARAMS.max_pixels, workers=workers), stats)
+
+
+def test_bomb_warning_is_an_error_in_every_thread(tmp_path):
+    """Between Pillow's warning and error limits a bomb is refused by the warning turned into an error; with threads
+    the filter is set once for all of them, so no thread decodes a bomb because another one restored the filters."""
+    side = 10_000  # 100 Mpx: above Image.MAX_IMAGE_PIXELS (89 Mpx), below twice it (Pillow's own error)
+    assert Image.MAX_IMAGE_PIXELS < side * side < 2 * Image.MAX_IMAGE_PIXELS
+    _bomb_png(tmp_path / "bomb-0.png", side)
+    images = [f"bomb-{i}.png" for i in range(12)]
+    for rel in images[1:]:
+        shutil.copyfile(tmp_path / "bomb-0.png", tmp_path / rel)
+    table = compute_stats(tmp_path, images, side * side * 2, workers=4)
+    assert (~table["readable"]).all() and table["error"].str.startswith("decompression bomb: ").all(), table["error"]
+    assert image_stats(tmp_path, images[0], side * side * 2)["error"].startswith("decompression bomb: ")
 
 
 def test_thresholds_come_from_params(stats):
