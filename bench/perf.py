@@ -20,6 +20,9 @@ Every ratio is measured side by side in one run of this script, on synthetic dat
    ``--exact-n`` also runs the path without the size switch (``LARGE_N``) for comparison.
 6. ``refresh_big_vs_small``: wall time of ``autolabel refresh --no-retrain`` of the same 1k new images on the
    workspaces of (4), large vs small.
+7. ``startup`` (``--parts startup``, not in the default set): seconds from process start to the flow's first task
+   of ``autolabel run`` on 50 images in a fresh workspace, alternating with another checkout's code
+   (``--startup-baseline``, e.g. a git worktree of an older commit).
 
 Heavy children run under ``nice -n 10`` (shared cores). The flow's wall time is also split into phases from its
 log (``flow_phases``); the machinery-only phases give a lower bound of the overhead that needs no second run at the
@@ -371,6 +374,43 @@ class Bench:
         m = measure(cmd, self.logs / f"refresh-{n}.log")
         return self.record(f"refresh:{n}", {"n": n, "batch": self.args.batch, **m})
 
+    def startup(self, reps: int, baseline: Path | None) -> dict[str, Any]:
+        """Start-up of ``autolabel run`` on 50 images in a fresh workspace: seconds from process start to the
+        Prefect server's log line and to the flow's first task, and wall; alternating with the same command run
+        from ``baseline`` (a checkout of other code, e.g. a git worktree) when given."""
+        import re
+
+        images = dataset(self.data, "s50", 50, 0)
+        sides = {"this": ROOT, **({"baseline": baseline.resolve()} if baseline else {})}
+        runs = []
+        for rep in range(reps):
+            for side, root in sides.items():
+                ws = self.ws / f"startup-{side}-{rep}"
+                shutil.rmtree(ws, ignore_errors=True)
+                cmd = [*NICE, sys.executable, "-m", "flows.cli", "run", "--images", str(images), "--workspace", str(ws)]
+                log = self.logs / f"startup-{side}-{rep}.log"
+                log.parent.mkdir(parents=True, exist_ok=True)
+                before, now = load_average(), datetime.now()
+                start_clock = now.hour * 3600 + now.minute * 60 + now.second + now.microsecond / 1e6
+                t = time.perf_counter()
+                with log.open("w") as fh:
+                    subprocess.run(cmd, cwd=root, stdout=fh, stderr=subprocess.STDOUT, check=True)
+                run: dict[str, Any] = {"side": side, "code": str(root), "rep": rep, "load_before": before}
+                run["wall"] = round(time.perf_counter() - t, 1)
+                for line in log.read_text(errors="replace").splitlines():
+                    m = re.match(r"(\d\d):(\d\d):(\d\d\.\d+) \| \w+ +\| (.*)", line)
+                    if m is None:
+                        continue
+                    at = round(int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3]) - start_clock, 1)
+                    if "Starting temporary server" in m[4]:
+                        run["server_log_s"] = at
+                    elif "Beginning flow run" in m[4]:
+                        run["flow_begins_s"] = at
+                runs.append(run)
+                print(f"startup: {run}")
+        mean = {side: round(sum(r["flow_begins_s"] for r in runs if r["side"] == side) / reps, 1) for side in sides}
+        return self.record("startup", {"runs": runs, "mean_flow_begins_s": mean, "command": shlex.join(sys.argv)})
+
     def cluster(self, n: int, exact: bool) -> dict[str, Any]:
         key = f"cluster:{n}:{'exact' if exact else 'default'}"
         if (m := self.have(key)) is not None:
@@ -629,9 +669,16 @@ def main() -> None:
     ap.add_argument("--exact-n", type=int, nargs="*", default=[100_000], help="also cluster without the size switch")
     ap.add_argument("--cluster-timeout", type=float, default=1200.0, help="seconds per clustering child")
     ap.add_argument("--reps", type=int, default=2, help="alternating repetitions of the in-process ratios")
-    ap.add_argument("--parts", nargs="*", default=["embed", "stats", "orchestration", "rss", "refresh", "cluster"])
+    ap.add_argument(
+        "--parts",
+        nargs="*",
+        default=["embed", "stats", "orchestration", "rss", "refresh", "cluster"],
+        help="what to measure (also: startup, not in the default set)",
+    )
     ap.add_argument("--data-dir", type=Path, default=Path("/tmp/perf"))
     ap.add_argument("--reuse", action="store_true", help="keep measurements already in perf.json (and workspaces)")
+    ap.add_argument("--startup-reps", type=int, default=3, help="startup: alternating runs per side")
+    ap.add_argument("--startup-baseline", type=Path, help="startup: also run this checkout (e.g. a git worktree)")
     ap.add_argument("--plain-first", action="store_true", help="orchestration: plain functions before the flow")
     ap.add_argument("--mode", help="name the measurements are kept under (default: quick or full)")
     args = ap.parse_args()
@@ -656,6 +703,8 @@ def main() -> None:
         elif part == "refresh":
             bench.refresh(small)
             bench.refresh(big)
+        elif part == "startup":
+            bench.startup(args.startup_reps, args.startup_baseline)
         elif part == "cluster":
             for n in args.cluster_sizes:
                 bench.cluster(n, exact=False)
