@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Start the real services of the pipeline on 127.0.0.1, without Docker:
-#   PostgreSQL (databases `prefect` and `mlflow`), S3 (moto_server; buckets `mlflow-artifacts`, `dvc-remote`),
+#   PostgreSQL (databases `prefect` and `mlflow`), S3 (moto via s3_server.py, which keeps credentials out of its
+#   log; buckets `mlflow-artifacts`, `dvc-remote`),
 #   a Prefect server on PostgreSQL (scheduler on) and an MLflow server on PostgreSQL + S3 (proxied artifacts).
 #
 # Usage: infra/local/up.sh RUN_DIR      then: source RUN_DIR/env.sh     stop: infra/local/down.sh RUN_DIR
@@ -202,7 +203,7 @@ with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(sys.argv[
 
 # --- S3 (moto): started first, it boots while PostgreSQL initialises --------------------------------------------
 if want s3; then
-  start s3 -- "$BIN/moto_server" -H 127.0.0.1 -p "$S3_PORT"
+  start s3 -- "$PY" "$HERE/s3_server.py" -H 127.0.0.1 -p "$S3_PORT"
 fi
 
 # --- PostgreSQL ------------------------------------------------------------------------------------------------
