@@ -21,8 +21,8 @@ import pandas as pd
 from tasks.annotation import NAMED_CLUSTER, UNNAMED
 from tasks.champion import Champion
 from tasks.config import Params
-from tasks.datasets import discover
 from tasks.drift import measure
+from tasks.stages import validate_folder
 from tasks.versioning import BatchVersion
 from tasks.workspace import Workspace
 
@@ -66,16 +66,8 @@ def champion_labels(ws: Workspace, champion: Champion) -> ClusterLabels:
 
 def validate_batch(ws: Workspace, params: Params, batch: BatchVersion, out: Path) -> tuple[list[str], pd.DataFrame]:
     """The retrain's quality checks (same GX suite) on the batch; returns the passed images and the quarantine."""
-    from tasks import quality
-
-    root = ws.root / batch.folder
-    images = discover(root).images
-    stats = quality.compute_stats(root, images, params.validate.max_pixels)
-    result = quality.validate_stats(stats, params.validate)
     rejected = pd.DataFrame(batch.rejected, columns=["image", "reason"])
-    quarantine = pd.concat([result.quarantine[["image", "reason"]], rejected], ignore_index=True)
-    stats.to_csv(out / "stats.csv", index=False)
-    quarantine.to_csv(out / "quarantine.csv", index=False)
+    result, quarantine = validate_folder(ws.root / batch.folder, rejected, params, out)
     return list(result.passed), quarantine
 
 

@@ -41,26 +41,37 @@ def _passed(ws: Workspace) -> list[str]:
     return [line for line in path.read_text().splitlines() if line]
 
 
+def validate_folder(
+    root: Path, rejected: pd.DataFrame, params: Params, out: Path, mapper: Mapper | None = None
+) -> tuple[Any, pd.DataFrame]:
+    """Image stats → GX suite on every image under ``root``; writes ``stats.csv`` and ``quarantine.csv`` to ``out``.
+
+    One place for the quality checks of a retrain's data and of a refresh's batch. ``rejected`` (image, reason) are
+    the files versioning refused (never read, so GX never saw them); they join the quarantine all the same.
+    """
+    from tasks import quality
+
+    images = discover(root).images
+    out.mkdir(parents=True, exist_ok=True)
+    if not images:
+        rejected.to_csv(out / "quarantine.csv", index=False)
+        raise ValueError(f"no readable images in {root} ({len(rejected)} files rejected, see {out / 'quarantine.csv'})")
+    stats = quality.compute_stats(root, images, params.validate.max_pixels, mapper=mapper, chunk=params.runner.chunk)
+    result = quality.validate_stats(stats, params.validate)
+    quarantine = pd.concat([result.quarantine[["image", "reason"]], rejected], ignore_index=True)
+    stats.to_csv(out / "stats.csv", index=False)
+    quarantine.to_csv(out / "quarantine.csv", index=False)
+    return result, quarantine
+
+
 def run_validate(ws: Workspace, params: Params, mapper: Mapper | None = None) -> dict[str, Any]:
     """Image stats → GX suite → ``quarantine.csv`` (image, reason) and ``passed.txt``.
 
     ``mapper`` (from the Prefect flow, :mod:`tasks.parallel`) measures chunks of images on the task runner.
     """
-    from tasks import quality
-
-    images = discover(ws.images).images
-    if not images:
-        raise ValueError(f"no images in {ws.images}: version the data first")
-    stats = quality.compute_stats(
-        ws.images, images, params.validate.max_pixels, mapper=mapper, chunk=params.runner.chunk
-    )
-    result = quality.validate_stats(stats, params.validate)
     out = ws.stage_dir("validate")
-    out.mkdir(parents=True, exist_ok=True)
-    stats.to_csv(out / "stats.csv", index=False)
     rejected = pd.read_csv(ws.rejected, keep_default_na=False) if ws.rejected.is_file() else pd.DataFrame()
-    quarantine = pd.concat([result.quarantine[["image", "reason"]], rejected], ignore_index=True)
-    quarantine.to_csv(out / "quarantine.csv", index=False)
+    result, quarantine = validate_folder(ws.images, rejected, params, out, mapper)
     (out / "passed.txt").write_text("".join(f"{p}\n" for p in result.passed))
     ws.write_json("validate", result.gx_result, name="gx_result.json")
     metrics = dict(result.summary)
