@@ -8,6 +8,10 @@ looks like what the models know. Three signals, each with a limit in ``params.ya
   (about ``1 - far_quantile`` when nothing changed; new defect types or a new machine push it up);
 - ``psi``: population stability index of the cluster shares (a classic: > 0.25 is a significant shift);
 - ``mean_shift``: RMS over dimensions of the mean's move in units of the training spread.
+
+No single signal suffices: when a new machine shifts every image the same way (inverted lighting, a rotation),
+the centred, normalised vectors all point alike and may sit close to one prototype, so ``far_share`` stays low
+while the cluster shares collapse (``psi``) and the mean moves (``mean_shift``).
 """
 
 from __future__ import annotations

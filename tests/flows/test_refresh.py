@@ -176,7 +176,10 @@ def test_drifted_batch_triggers_retrain_on_all_data(trained, refreshed, batches,
     ws = Workspace.at(trained)
     result = refresh(images=str(batches["drifted"]), workspace=str(ws.root), overrides=fast_overrides + GATE)
     drift = result["drift"]
-    assert drift["drifted"] and drift["far_share"] > refreshed["drift"]["far_share"], drift
+    # a new machine moves every image the same way: the cluster shares collapse (psi). far_share may stay low,
+    # since images that all moved together can sit close to one prototype (see tasks/drift.py)
+    assert drift["drifted"] and any(r.startswith("psi") for r in drift["reasons"]), drift
+    assert drift["psi"] > 10 * max(refreshed["drift"]["psi"], 0.01), (drift, refreshed["drift"])
     assert result.get("retrain_labelset"), "drift must trigger the retrain flow"
     manifest = json.loads((Path(result["retrain_labelset"]) / "manifest.json").read_text())
     batches_in_ws = sorted(p.name for p in (ws.root / "data" / "batches").iterdir() if p.is_dir())
