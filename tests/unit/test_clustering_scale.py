@@ -37,4 +37,7 @@ def test_large_n_fits_on_a_sample_and_assigns_every_vector(kwargs, monkeypatch):
 def test_knn_neighbours_do_not_depend_on_the_block_size():
     x, _ = _blobs()
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    assert (knn_indices(x, 5, chunk=4096) == knn_indices(x, 5, chunk=7)).all()
+    # the same neighbour sets; their order may differ where two similarities tie to the last float32 bit
+    # (BLAS rounds a 7-row block and a 400-row block differently), and SCAN uses them as sets
+    big, small = knn_indices(x, 5, chunk=4096), knn_indices(x, 5, chunk=7)
+    assert (np.sort(big, axis=1) == np.sort(small, axis=1)).all()
