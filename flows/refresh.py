@@ -71,7 +71,9 @@ def refresh(
 
 def _refresh(ws: Workspace, images: Path, batch_name: str | None, params) -> dict[str, Any]:
     champ = champion_task(ws, params.track.model_prefix)
-    batch = version_batch_task(ws, images, batch_name, params.version.remote, params.version.push)
+    batch = version_batch_task(
+        ws, images, batch_name, params.version.remote, params.version.push, params.version.push_timeout
+    )
     code = versioning.code_version()
     workspace_data = versioning.current_data_version(ws)
     data = {**batch.as_dict(), "remote": batch.remote}

@@ -125,7 +125,9 @@ def retrain(
 
 def _retrain(ws: Workspace, images: Path | None, labels: Path | None, params: Params) -> str:
     write_params(params, ws.params)
-    data = version_task(ws, images, labels, params.version.remote, params.version.push).as_dict()
+    data = version_task(
+        ws, images, labels, params.version.remote, params.version.push, params.version.push_timeout
+    ).as_dict()
     code = versioning.code_version()
     run_id = tracking.start_run(
         ws,

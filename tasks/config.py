@@ -34,6 +34,9 @@ class VersionParams(_Section):
     retries: int = Field(3, ge=0, le=10, description="Retries of the remote's reachability check before any work.")
     backoff: float = Field(1.0, ge=0.0, le=60.0, description="Seconds before the first retry, doubling after each.")
     timeout: float = Field(10.0, gt=0.0, le=600.0, description="Seconds one reachability check may take.")
+    push_timeout: float = Field(
+        3600.0, gt=0.0, description="Seconds one `dvc push` may take before it is stopped and the run fails."
+    )
 
 
 class ValidateParams(_Section):

@@ -24,6 +24,8 @@ from tasks.retry import Backoff, retry
 from tasks.secrets import MASK, redact, redact_url, unmask
 from tasks.workspace import PROJECT_ROOT, Workspace
 
+REMOTE_ENV = "AUTOLABEL_DVC_REMOTE"  # the remote when `version.remote` is null (infra/local/up.sh's env.sh sets it)
+
 _GIT_ENV = {
     "GIT_AUTHOR_NAME": "aoi-autolabel",
     "GIT_AUTHOR_EMAIL": "autolabel@localhost",
@@ -72,12 +74,17 @@ class DataVersion:
         return asdict(self)
 
 
-def _run(cmd: list[str], cwd: Path, retries: int = 0) -> str:
+def _run(cmd: list[str], cwd: Path, retries: int = 0, timeout: float | None = None) -> str:
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "GIT_TERMINAL_PROMPT": "0"}
     for key, value in _GIT_ENV.items():
         env.setdefault(key, value)
     for attempt in range(retries + 1):
-        proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+        try:
+            proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise VersioningError(
+                redact(f"`{' '.join(cmd)}` did not finish in {timeout:g} s in {cwd} (remote slow or hanging?)")
+            ) from exc
         if proc.returncode == 0:
             return proc.stdout
         output = (proc.stderr + proc.stdout).strip()
@@ -92,9 +99,12 @@ def _run(cmd: list[str], cwd: Path, retries: int = 0) -> str:
     raise AssertionError("unreachable")
 
 
-def dvc(args: list[str], cwd: Path) -> str:
-    """Run a DVC command with this interpreter's DVC, retrying on repository-lock contention."""
-    return _run([sys.executable, "-m", "dvc", *args], cwd, retries=5)
+def dvc(args: list[str], cwd: Path, timeout: float | None = None) -> str:
+    """Run a DVC command with this interpreter's DVC, retrying on repository-lock contention.
+
+    ``timeout`` bounds commands that talk to a remote: a hanging remote ends in a clear error, not a stuck run.
+    """
+    return _run([sys.executable, "-m", "dvc", *args], cwd, retries=5, timeout=timeout)
 
 
 def git(args: list[str], cwd: Path) -> str:
@@ -182,7 +192,7 @@ def check_remote(ws: Workspace, remote: str | None, retries: int, backoff: float
     import tempfile
     from urllib.parse import urlsplit
 
-    url = remote or str(ws.dvc_remote)
+    url = remote or os.environ.get(REMOTE_ENV) or str(ws.dvc_remote)
     if MASK in url and (ws.root / ".dvc").is_dir():
         url = unmask(url, _remote_urls(ws).values()) or url
     scheme = urlsplit(url).scheme.lower() if "://" in url else ""
@@ -224,7 +234,10 @@ def check_remote(ws: Workspace, remote: str | None, retries: int, backoff: float
 
 def init_workspace(ws: Workspace, remote: str | None) -> str:
     """Make ``ws`` a git + DVC repo with a default remote (idempotent); return the remote URL as recorded
-    (credentials masked, see :func:`_set_remote`)."""
+    (credentials masked, see :func:`_set_remote`).
+
+    The remote: ``remote`` (``version.remote``), else ``$AUTOLABEL_DVC_REMOTE``, else ``<workspace>/dvc-remote``.
+    """
     ws.root.mkdir(parents=True, exist_ok=True)
     if not (ws.root / ".git").exists():
         git(["init", "-q", "-b", "main"], ws.root)
@@ -234,8 +247,8 @@ def init_workspace(ws: Workspace, remote: str | None) -> str:
     gitignore = ws.root / ".gitignore"
     if not gitignore.exists() or _WS_GITIGNORE not in gitignore.read_text():
         gitignore.write_text(_WS_GITIGNORE + (gitignore.read_text() if gitignore.exists() else ""))
-    url = remote or str(ws.dvc_remote)
-    if not remote:
+    url = remote or os.environ.get(REMOTE_ENV) or str(ws.dvc_remote)
+    if url == str(ws.dvc_remote):
         ws.dvc_remote.mkdir(exist_ok=True)
     url = _set_remote(ws, url)
     shutil.copyfile(PROJECT_ROOT / "dvc.yaml", ws.root / "dvc.yaml")
@@ -283,7 +296,12 @@ def _dvc_out(dvc_file: Path) -> dict[str, Any]:
 
 
 def version_data(
-    ws: Workspace, images: Path | None, labels: Path | None, remote: str | None, push: bool
+    ws: Workspace,
+    images: Path | None,
+    labels: Path | None,
+    remote: str | None,
+    push: bool,
+    push_timeout: float | None = None,
 ) -> DataVersion:
     """Mirror, ``dvc add``, ``dvc push`` and commit the data; return its version.
 
@@ -327,7 +345,7 @@ def version_data(
         ws.labels.write_text("path,label\n")
     dvc(["add", "-q", *targets], ws.root)
     if push:
-        dvc(["push", "-q", *targets], ws.root)
+        dvc(["push", "-q", *targets], ws.root, timeout=push_timeout)
     out = _dvc_out(ws.root / "data" / "images.dvc")
     labels_md5 = _dvc_out(ws.root / "data" / "labels.csv.dvc")["md5"] if _has_rows(ws.labels) else None
 
@@ -387,7 +405,9 @@ def batch_id_of(src: Path, images: list[str]) -> str:
     return f"batch-{digest.hexdigest()[:12]}"
 
 
-def version_batch(ws: Workspace, src: Path, name: str | None, remote: str | None, push: bool) -> BatchVersion:
+def version_batch(
+    ws: Workspace, src: Path, name: str | None, remote: str | None, push: bool, push_timeout: float | None = None
+) -> BatchVersion:
     """Add a new batch beside the training data: its own ``.dvc`` file, pushed, committed (the history grows).
 
     The batch is versioned on its own, so its cost does not grow with the workspace; a later retrain merges every
@@ -415,7 +435,7 @@ def version_batch(ws: Workspace, src: Path, name: str | None, remote: str | None
     mirror_images(src, ws.root / folder)
     dvc(["add", "-q", folder], ws.root)
     if push:
-        dvc(["push", "-q", folder], ws.root)
+        dvc(["push", "-q", folder], ws.root, timeout=push_timeout)
     git(["add", "-A", "--", f"{folder}.dvc", "data/batches/.gitignore", ".dvc"], ws.root)
     if git(["status", "--porcelain", "--", "data/batches"], ws.root).strip():
         git(["commit", "-q", "-m", f"batch {batch_id}"], ws.root)

@@ -134,6 +134,28 @@ def test_dvc_remote_endpoint_down(synth_data, isolated, tmp_path):
     _assert_nothing_done(tmp_path / "ws")
 
 
+def test_dvc_remote_that_hangs_stops_the_push_within_its_timeout(synth_data, isolated, tmp_path):
+    """The endpoint accepts connections and never answers: the reachability check passes, `dvc push` would wait
+    for botocore's minutes of read timeouts and retries; ``version.push_timeout`` stops it with a clear error."""
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts (backlog) and never reads nor answers
+    port = listener.getsockname()[1]
+    isolated.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    isolated.setenv("AWS_ACCESS_KEY_ID", "AKIA-SENTINEL-ID")
+    isolated.setenv("AWS_SECRET_ACCESS_KEY", SENTINEL)
+    try:
+        result, seconds = _run(
+            synth_data, tmp_path / "ws", ["version.remote=s3://autolabel-data/dvc", "version.push_timeout=4"]
+        )
+    finally:
+        listener.close()
+    assert result.exit_code == 1, result.output
+    assert re.search(r"dvc push -q .*did not finish in 4 s", result.output), result.output
+    assert SENTINEL not in result.output
+    assert seconds < 180, seconds  # the version task's 3 attempts of 4 s, plus start-up
+    ws = tmp_path / "ws"
+    assert not (ws / "labelsets").exists() and not (ws / "results").exists(), sorted(p.name for p in ws.iterdir())
+
+
 def test_dvc_remote_folder_unusable(synth_data, isolated, tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the remote's parent folder should be\n")

@@ -42,9 +42,10 @@ def pipeline(services, fast_overrides, tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("pipeline")
     generate(root / "base", n=120, seed=11)
     generate(root / "new", n=50, seed=12)
-    env = services.subprocess_env()
     remote = "s3://dvc-remote/pipeline-test"
-    sets = [a for s in [*fast_overrides, f"version.remote={remote}"] for a in ("--set", s)]
+    # the remote comes from the environment (as env.sh exports it), not from --set
+    env = {**services.subprocess_env(), "AUTOLABEL_DVC_REMOTE": remote}
+    sets = [a for s in fast_overrides for a in ("--set", s)]
     ws = root / "ws"
     _autolabel(
         ["run", "--images", str(root / "base"), "--labels", str(root / "base" / "labels.csv"), "--workspace", str(ws)]
