@@ -7,6 +7,7 @@ Pillow, first frame, EXIF orientation applied, any bit depth or colour mode redu
 from __future__ import annotations
 
 import csv
+import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -103,36 +104,43 @@ def to_grey_u8(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("L"), dtype=np.uint8)
 
 
-def decode(path: Path, max_pixels: int = 50_000_000) -> tuple[np.ndarray, dict[str, object]]:
-    """Decode one image to 8-bit grey and report what it was (format, mode, width, height, frames).
+def open_image(source: Path | bytes, max_pixels: int) -> tuple[Image.Image, dict[str, object]]:
+    """Open, check and load one image (first frame, EXIF orientation applied) from a path or a file's bytes, and
+    report what it was (format, mode, width, height, frames).
+
+    The one place for the decoding checks and their quarantine reasons. A ``DecompressionBombWarning`` is an error
+    only where the caller made it one (:func:`decode` per image; ``tasks.quality`` once around its threads).
 
     Raises:
-        ImageDecodeError: zero-byte, not an image, truncated, too many pixels, or undecodable.
+        ImageDecodeError: zero-byte, unreadable, not an image, truncated, too many pixels, or undecodable.
     """
-    path = Path(path)
-    try:
-        if path.stat().st_size == 0:
+    if isinstance(source, bytes):
+        if not source:
             raise ImageDecodeError("zero-byte file")
-    except OSError as exc:
-        raise ImageDecodeError(f"unreadable file: {exc.strerror or exc}") from exc
+        fp: Path | io.BytesIO = io.BytesIO(source)
+    else:
+        fp = Path(source)
+        try:
+            if fp.stat().st_size == 0:
+                raise ImageDecodeError("zero-byte file")
+        except OSError as exc:
+            raise ImageDecodeError(f"unreadable file: {exc.strerror or exc}") from exc
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                width, height = img.size
-                if width * height > max_pixels:
-                    raise ImageDecodeError(f"too many pixels: {width}x{height} > {max_pixels}")
-                info = {
-                    "format": img.format or "",
-                    "mode": img.mode,
-                    "width": width,
-                    "height": height,
-                    "frames": int(getattr(img, "n_frames", 1)),
-                }
-                img.seek(0)
-                img.load()
-                img = ImageOps.exif_transpose(img)
-                return to_grey_u8(img), info
+        with Image.open(fp) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise ImageDecodeError(f"too many pixels: {width}x{height} > {max_pixels}")
+            info = {
+                "format": img.format or "",
+                "mode": img.mode,
+                "width": width,
+                "height": height,
+                "frames": int(getattr(img, "n_frames", 1)),
+            }
+            img.seek(0)
+            img.load()
+            ImageOps.exif_transpose(img, in_place=True)
+            return img, info
     except ImageDecodeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -143,6 +151,18 @@ def decode(path: Path, max_pixels: int = 50_000_000) -> tuple[np.ndarray, dict[s
         text = str(exc)
         reason = "truncated image" if "truncated" in text.lower() else f"undecodable: {text}"
         raise ImageDecodeError(reason) from exc
+
+
+def decode(path: Path, max_pixels: int = 50_000_000) -> tuple[np.ndarray, dict[str, object]]:
+    """Decode one image to 8-bit grey and report what it was (format, mode, width, height, frames).
+
+    Raises:
+        ImageDecodeError: zero-byte, not an image, truncated, too many pixels, or undecodable.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img, info = open_image(Path(path), max_pixels)
+    return to_grey_u8(img), info
 
 
 def read_labels(csv_path: Path, known: set[str] | None = None) -> dict[str, str]:

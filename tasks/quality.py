@@ -31,7 +31,6 @@ mostly flat), so the hash only narrows the search and the thumbnail correlation 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -48,10 +47,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from PIL import Image, ImageOps
+from PIL import Image
 
 from tasks.config import ValidateParams
-from tasks.datasets import ImageDecodeError, decode, to_grey_u8
+from tasks.datasets import ImageDecodeError, decode, open_image, to_grey_u8
 from tasks.parallel import Mapper, spans
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
@@ -195,39 +194,6 @@ def _grey_image(img: Image.Image) -> Image.Image:
     return img.convert("L")
 
 
-def _decode_bytes(data: bytes, max_pixels: int) -> tuple[Image.Image, dict[str, object]]:
-    """:func:`tasks.datasets.decode` of a file's bytes (already read for the sha256): same checks, same reasons,
-    same pixels (tested), returned as an "L" image because every statistic here is computed by Pillow's C code."""
-    if not data:
-        raise ImageDecodeError("zero-byte file")
-    try:  # the caller turns DecompressionBombWarning into an error (see _bomb_warnings_are_errors)
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-            if width * height > max_pixels:
-                raise ImageDecodeError(f"too many pixels: {width}x{height} > {max_pixels}")
-            info = {
-                "format": img.format or "",
-                "mode": img.mode,
-                "width": width,
-                "height": height,
-                "frames": int(getattr(img, "n_frames", 1)),
-            }
-            img.seek(0)
-            img.load()
-            ImageOps.exif_transpose(img, in_place=True)
-            return _grey_image(img), info
-    except ImageDecodeError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageDecodeError(f"decompression bomb: {exc}") from exc
-    except Image.UnidentifiedImageError:
-        raise ImageDecodeError("not an image (unidentified format)") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        text = str(exc)
-        reason = "truncated image" if "truncated" in text.lower() else f"undecodable: {text}"
-        raise ImageDecodeError(reason) from exc
-
-
 @contextmanager
 def _bomb_warnings_are_errors() -> Iterator[None]:
     """Pillow's DecompressionBombWarning raised as an error (as ``tasks.datasets.decode`` does), set once around
@@ -276,7 +242,8 @@ def _measure(root: str, rel: str, max_pixels: int) -> tuple[dict[str, object], n
     file_sha = hashlib.sha256(data).hexdigest() if data is not None else None
     try:
         if data is not None and data[:4] not in _TIFF_MAGIC:
-            img, info = _decode_bytes(data, max_pixels)
+            opened, info = open_image(data, max_pixels)
+            img = _grey_image(opened)
         else:  # bytes unreadable, or a TIFF: the file decoder, as every other stage decodes it
             grey, info = decode(Path(path), max_pixels)
             img = Image.fromarray(np.ascontiguousarray(grey)) if grey.ndim == 2 and grey.size else None
