@@ -60,20 +60,8 @@ if want postgres; then
   [ ${#RUN_DIR} -le 80 ] || die "RUN_DIR path too long for a PostgreSQL socket (keep it under 80 characters)"
 fi
 
-# alive PID: the process exists and is not a zombie (pid 1 here may reap late; kill -0 succeeds on zombies)
-alive() {
-  local stat
-  stat=$(cat "/proc/${1:-x}/stat" 2>/dev/null) || return 1
-  stat=${stat##*) } # after the command name, which may contain spaces and parentheses
-  [ "${stat%% *}" != Z ]
-}
-
-# listening PORT: some TCP socket listens on PORT, on any address (from /proc/net/tcp*; no ss/netstat needed)
-listening() {
-  local hex
-  hex=$(printf '%04X' "$1")
-  awk -v h="$hex" '$4 == "0A" && $2 ~ (":" h "$") { found = 1 } END { exit !found }' /proc/net/tcp /proc/net/tcp6 2>/dev/null
-}
+# shellcheck source=procs.sh
+source "$HERE/procs.sh" # alive PID, listening PORT
 
 # --- refuse a RUN_DIR that is (or was) in use -------------------------------------------------------------
 if [ -d "$RUN_DIR/pids" ] || [ -e "$RUN_DIR/env.sh" ] || [ -d "$RUN_DIR/pg" ]; then
