@@ -40,21 +40,6 @@ from tasks.localize import (  # noqa: E402
 BASELINE_THRESHOLD = 64  # grey levels (0-255): a quarter of the range
 
 
-def iou(a: Box, b: Box) -> float:
-    """Intersection over union of two boxes (exclusive ends)."""
-    iw = max(0, min(a.x2, b.x2) - max(a.x1, b.x1))
-    ih = max(0, min(a.y2, b.y2) - max(a.y1, b.y1))
-    inter = iw * ih
-    union = a.width * a.height + b.width * b.height - inter
-    return inter / union if union else 0.0
-
-
-def covers(crop: Box, gt: Box) -> bool:
-    """The scoring rule: IoU >= 0.5 or the crop contains the box centre."""
-    cx, cy = (gt.x1 + gt.x2) / 2.0, (gt.y1 + gt.y2) / 2.0
-    return crop.x1 <= cx < crop.x2 and crop.y1 <= cy < crop.y2 or iou(crop, gt) >= 0.5
-
-
 def baseline_defects(test: np.ndarray, template: np.ndarray, params: LocalizeParams) -> list[Box]:
     """Plain |test - template| > fixed threshold, 8-connected components, same min_area and max_crops."""
     mask = np.abs(test.astype(np.int16) - template.astype(np.int16)) > BASELINE_THRESHOLD
@@ -91,10 +76,10 @@ def evaluate(name: str, method, pairs, data: Path, params: LocalizeParams) -> di
         crops = [c for c, _ in crop_boxes(test, method(test, temp, params), params)]
         n_crops += len(crops)
         n_capped += len(crops) >= params.max_crops
-        n_spurious += sum(not any(covers(c, gt) for gt, _ in gts) for c in crops)
+        n_spurious += sum(not any(c.finds(gt) for gt, _ in gts) for c in crops)
         for gt, label in gts:
             found_by_label[label][1] += 1
-            found_by_label[label][0] += any(covers(c, gt) for c in crops)
+            found_by_label[label][0] += any(c.finds(gt) for c in crops)
     seconds = time.perf_counter() - t0
     found = sum(v[0] for v in found_by_label.values())
     total = sum(v[1] for v in found_by_label.values())

@@ -28,19 +28,6 @@ from tasks.evaluation import evaluate  # noqa: E402
 from tasks.localize import Box  # noqa: E402
 
 
-def iou(a: Box, b: Box) -> float:
-    iw = max(0, min(a.x2, b.x2) - max(a.x1, b.x1))
-    ih = max(0, min(a.y2, b.y2) - max(a.y1, b.y1))
-    inter = iw * ih
-    union = a.width * a.height + b.width * b.height - inter
-    return inter / union if union else 0.0
-
-
-def covers(crop: Box, gt: Box) -> bool:
-    cx, cy = (gt.x1 + gt.x2) / 2.0, (gt.y1 + gt.y2) / 2.0
-    return crop.x1 <= cx < crop.x2 and crop.y1 <= cy < crop.y2 or iou(crop, gt) >= 0.5
-
-
 def _box(row: dict[str, str], keys: tuple[str, str, str, str]) -> Box:
     return Box(*(int(row[k]) for k in keys))
 
@@ -62,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     klass: dict[str, str] = {}
     for r in defects:
         crop, box = _box(r, crop_keys), _box(r, ("x0", "y0", "x1", "y1"))
-        scored = [(iou(box, g), covers(crop, g), label) for g, label in gt.get(r["image"], [])]
+        scored = [(box.iou(g), crop.finds(g), label) for g, label in gt.get(r["image"], [])]
         if scored and max(scored)[:2] != (0.0, False):
             klass[r["patch"]] = max(scored)[2]
 
@@ -73,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         per: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         for image, boxes in gt.items():
             for g, label in boxes:
-                per[label][0] += any(covers(c, g) for c in crops.get(image, []))
+                per[label][0] += any(c.finds(g) for c in crops.get(image, []))
                 per[label][1] += 1
         found, total = sum(v[0] for v in per.values()), sum(v[1] for v in per.values())
         return found / total, {k: round(v[0] / v[1], 3) for k, v in sorted(per.items())}

@@ -71,6 +71,19 @@ class Box:
     def height(self) -> int:
         return self.y2 - self.y1
 
+    def iou(self, other: Box) -> float:
+        """Intersection over union with ``other``."""
+        iw = max(0, min(self.x2, other.x2) - max(self.x1, other.x1))
+        ih = max(0, min(self.y2, other.y2) - max(self.y1, other.y1))
+        inter = iw * ih
+        union = self.width * self.height + other.width * other.height - inter
+        return inter / union if union else 0.0
+
+    def finds(self, truth: Box) -> bool:
+        """The benchmarks' rule for a crop finding an annotated box: IoU >= 0.5 or the crop holds its centre."""
+        cx, cy = (truth.x1 + truth.x2) / 2.0, (truth.y1 + truth.y2) / 2.0
+        return self.x1 <= cx < self.x2 and self.y1 <= cy < self.y2 or self.iou(truth) >= 0.5
+
 
 def normalise(grey: np.ndarray, percentiles: tuple[float, float] = (1.0, 99.0)) -> np.ndarray:
     """Percentile stretch to float32 0-1, so gain/offset differences between test and template cancel."""
