@@ -77,6 +77,15 @@ def build_corpus(root: Path, outside: Path) -> tuple[dict[str, str], set[str]]:
     Image.fromarray(_texture(5)).save(secret)
     os.symlink(secret, d / "escape.png")
     bad["odd/escape.png"] = "symlink pointing outside"
+    os.symlink(d / "gone.png", d / "dangling.png")  # its target was deleted
+    bad["odd/dangling.png"] = "broken symlink"
+    locked = d / "locked.png"
+    locked.write_bytes(png_bytes(_texture(14)))
+    locked.chmod(0)
+    if os.access(locked, os.R_OK):  # root reads any file: nothing to refuse there
+        locked.unlink()
+    else:
+        bad["odd/locked.png"] = "unreadable file (permission denied)"
     raw_name = os.fsencode(str(d)) + b"/caf\xe9.png"  # Latin-1 byte: not UTF-8
     with open(raw_name, "wb") as fh:
         fh.write(png_bytes(_texture(6)))
