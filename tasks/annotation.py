@@ -11,6 +11,10 @@ Seed labels are propagated over the k-nearest-neighbour graph of the embeddings 
 propagation score is calibrated on the seeds themselves (cross-validated: hide a fold of seeds, propagate from the
 rest, and fit an isotonic map from score to "was right"), so ``confidence`` means the estimated probability that
 the label is correct. Images below ``accept_confidence`` abstain (``needs_review``).
+
+``label-next`` asks about the images nearest a decision boundary: the smallest *margin* between the propagated
+shares of the two likeliest classes (margin sampling). The calibrated confidence is a step function of the score
+(isotonic), so large groups of images tie on it and cannot be ranked by it.
 """
 
 from __future__ import annotations
@@ -173,6 +177,15 @@ def _scores(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return pred, raw
 
 
+def _margin(f: np.ndarray) -> np.ndarray:
+    """Share of the top class minus share of the runner-up, in [0, 1]; 0 where nothing reached the node."""
+    total = np.maximum(f.sum(axis=1), 1e-12)
+    if f.shape[1] < 2:
+        return np.where(f.sum(axis=1) > 1e-12, 1.0, 0.0)
+    top2 = np.partition(f, f.shape[1] - 2, axis=1)[:, -2:]
+    return np.where(f.sum(axis=1) > 1e-12, (top2[:, 1] - top2[:, 0]) / total, 0.0)
+
+
 def _fill_unreached(f: np.ndarray, vectors: np.ndarray, seed_index: np.ndarray, seed_class: np.ndarray) -> None:
     """Nodes the spreading never reached (a graph component without seeds) take their nearest seed's class,
     with a tiny weight so that their confidence stays at the bottom (they go to review)."""
@@ -214,6 +227,9 @@ class Annotation:
     confidence: np.ndarray
     needs_review: np.ndarray
     source: list[str]
+    # propagation margin (top minus runner-up class share, before calibration; 1 for seeds): what label-next ranks
+    # by. None when there are no seeds or the annotation was read back from a labels.csv.
+    margin: np.ndarray | None = None
 
 
 def annotate(
@@ -239,6 +255,7 @@ def annotate(
     source = [UNNAMED] * n
     confidence = np.asarray(cluster_confidence, dtype=float).copy()
     needs_review = confidence < review_below
+    margin = None
     for i, c in enumerate(clusters):
         if int(c) in human.cluster_names:
             labels[i], source[i] = human.cluster_names[int(c)], NAMED_CLUSTER
@@ -249,6 +266,7 @@ def annotate(
         seed_class = np.array([classes.index(lab) for lab in human.seeds.values()])
         neighbours = (graph or knn_graph(vectors, k))[0]
         f = spread(neighbours, seed_index, seed_class, len(classes))
+        margin = _margin(f)  # before the fallback: a node no seed reached is as uncertain as it gets
         _fill_unreached(f, vectors, seed_index, seed_class)
         pred, raw = _scores(f)
         prob = np.clip(calibrate(neighbours, seed_index, seed_class, len(classes), folds, seed)(raw), 0, 1)
@@ -259,8 +277,8 @@ def annotate(
         needs_review = confidence < accept_confidence
         for img, lab in human.seeds.items():
             i = index[img]
-            labels[i], source[i], confidence[i], needs_review[i] = lab, HUMAN_SEED, 1.0, False
-    return Annotation(labels=labels, confidence=confidence, needs_review=needs_review, source=source)
+            labels[i], source[i], confidence[i], needs_review[i], margin[i] = lab, HUMAN_SEED, 1.0, False, 1.0
+    return Annotation(labels=labels, confidence=confidence, needs_review=needs_review, source=source, margin=margin)
 
 
 def annotate_with_params(
@@ -307,6 +325,16 @@ def review_order(annotation: Annotation, clusters: np.ndarray) -> np.ndarray:
     return order[np.lexsort((annotation.confidence[order], rank_in_cluster))]
 
 
+def _components(neighbours: np.ndarray) -> np.ndarray:
+    """Connected component of every node of the (symmetrised) kNN graph."""
+    from scipy import sparse
+    from scipy.sparse.csgraph import connected_components
+
+    n, k = neighbours.shape
+    w = sparse.csr_matrix((np.ones(n * k), (np.repeat(np.arange(n), k), neighbours.ravel())), shape=(n, n))
+    return connected_components(w, directed=True, connection="weak")[1]
+
+
 def label_next(
     images: list[str],
     vectors: np.ndarray,
@@ -321,8 +349,9 @@ def label_next(
 
     1. the most typical unlabelled image of every cluster that has no human label yet (small clusters included:
        rare defect types often *are* the small clusters), smallest clusters first;
-    2. then the least confident images, skipping near-duplicates of images already chosen (a label on one of
-       two look-alikes tells little about the other).
+    2. then the images nearest a decision boundary: smallest propagation margin between the two likeliest
+       classes (``annotation.margin``; the calibrated confidence when there is none), skipping near-duplicates of
+       images already chosen (a label on one of two look-alikes tells little about the other).
     """
     chosen: list[tuple[int, str]] = []
     taken: set[int] = set()
@@ -340,12 +369,25 @@ def label_next(
     neighbours = (graph or knn_graph(vectors, 10))[0]
     blocked = set(taken) | set(np.flatnonzero(is_labelled).tolist())
     near = {int(j) for i in taken for j in neighbours[i, :3]}
-    for i in np.argsort(annotation.confidence, kind="stable"):
+    margin = annotation.margin
+    # nodes no seed reached have margin 0 and tie: one per connected part of the graph is enough to reach the rest
+    component = _components(neighbours) if margin is not None and (margin <= 0).any() else None
+    asked_parts: set[int] = set()
+    for i in np.argsort(annotation.confidence if margin is None else margin, kind="stable"):
         i = int(i)
         if len(chosen) >= n:
             break
         if i in blocked or i in near:
             continue
-        chosen.append((i, f"uncertain: confidence {annotation.confidence[i]:.2f} for {annotation.labels[i]!r}"))
+        if component is not None and margin[i] <= 0:
+            if int(component[i]) in asked_parts:
+                continue
+            asked_parts.add(int(component[i]))
+        why = f"confidence {annotation.confidence[i]:.2f} for {annotation.labels[i]!r}"
+        if margin is not None and margin[i] <= 0:
+            why = f"no seed label reaches it (a part of the neighbour graph without seeds), {why}"
+        elif margin is not None:
+            why = f"margin {margin[i]:.3f} over the runner-up class, {why}"
+        chosen.append((i, f"uncertain: {why}"))
         near.update(int(j) for j in neighbours[i, :3])
     return chosen

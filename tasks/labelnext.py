@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.annotation import Annotation, label_next
+from tasks.annotation import Annotation, annotate_with_params, label_next, load_human_inputs
 from tasks.config import load_params
 from tasks.datasets import read_labels
 from tasks.publishing import montage
@@ -34,7 +34,9 @@ def _load(ws: Workspace) -> tuple[list[str], np.ndarray, pd.DataFrame, pd.DataFr
 def write_label_next(workspace: Path, n: int) -> Path:
     """Write ``results/label-next/next.csv`` (rank, image, cluster, current label, confidence, reason) and a montage.
 
-    Images already in ``human/seed_labels.csv`` are never asked again.
+    Images already in ``human/seed_labels.csv`` are never asked again. With seeds, the propagation is redone from
+    ``human/`` (seconds) for its margins, which rank the uncertain images; labels.csv only keeps the calibrated
+    confidence.
     """
     ws = Workspace.at(workspace)
     images, vectors, assignments, labels = _load(ws)
@@ -50,6 +52,12 @@ def write_label_next(workspace: Path, n: int) -> Path:
         source=list(labels["label_source"]),
     )
     clusters = assignments["cluster"].to_numpy()
+    human = load_human_inputs(ws.human, set(images), int(ws.read_json("cluster")["n_clusters"]))
+    if human.seeds:
+        fresh = annotate_with_params(
+            load_params(ws.params), images, vectors, clusters, assignments["confidence"].to_numpy(), human
+        )
+        current = Annotation(current.labels, current.confidence, current.needs_review, current.source, fresh.margin)
     picks = label_next(images, vectors, clusters, assignments["distance"].to_numpy(), current, labelled, n)
     out = ws.stage_dir("label-next")
     out.mkdir(parents=True, exist_ok=True)

@@ -88,6 +88,41 @@ def test_label_next_asks_every_cluster_first_small_ones_included():
     assert not labelled & {images[i] for i, _ in again}
 
 
+def test_label_next_ranks_uncertain_images_by_propagation_margin():
+    from tasks.annotation import Annotation
+
+    v, y = _blobs()
+    images = [f"img{i}.png" for i in range(len(y))]
+    clusters = np.zeros(len(y), dtype=int)
+    dist = np.zeros(len(y))
+    seeds = {images[i]: y[i] for name in ("common", "medium") for i in np.flatnonzero(y == name)[:4]}
+    ann = annotate(images, v, clusters, np.ones(len(y)), HumanInputs({}, seeds, None, "x"), 0.9, 0.1, k=8, folds=3)
+    assert ann.margin is not None and ann.margin.shape == (len(y),)
+    assert np.all(ann.margin[[images.index(s) for s in seeds]] == 1.0) and ann.margin.min() >= 0.0
+    # calibrated confidences tie (a step function); the margin still ranks: the least certain image comes first
+    flat = Annotation(ann.labels, np.full(len(y), 0.5), ann.needs_review, ann.source, margin=ann.margin)
+    labelled = set(seeds) | {images[int(np.argmin(dist))]}
+    picks = label_next(images, v, clusters, dist, flat, labelled, 1)
+    free = [i for i in range(len(y)) if images[i] not in labelled]
+    assert picks[0][0] == free[int(np.argmin(ann.margin[free]))] and "margin" in picks[0][1]
+    # the rare class has no seed: its images sit between the two seeded classes, at the smallest margins
+    assert y[picks[0][0]] == "rare"
+
+
+def test_label_next_asks_once_per_part_of_the_graph_no_seed_reaches():
+    v, y = _blobs()
+    far = np.flatnonzero(y == "medium")  # a separate blob: no seed there, nothing reaches it
+    images = [f"img{i}.png" for i in range(len(y))]
+    clusters = np.zeros(len(y), dtype=int)
+    seeds = {images[i]: "common" for i in np.flatnonzero(y == "common")[:3]}
+    seeds.update({images[i]: "rare" for i in np.flatnonzero(y == "rare")[:2]})
+    graph = knn_graph(v, 5)
+    ann = annotate(images, v, clusters, np.ones(len(y)), HumanInputs({}, seeds, None, "x"), 0.9, 0.1, graph=graph)
+    assert np.all(ann.margin[far] == 0.0)
+    picks = label_next(images, v, clusters, np.zeros(len(y)), ann, set(seeds), 5, graph=graph)
+    assert len(picks) == 5 and sum(i in set(far.tolist()) for i, _ in picks) == 1
+
+
 def test_review_order_interleaves_clusters():
     from tasks.annotation import Annotation
 
