@@ -186,17 +186,21 @@ def _margin(f: np.ndarray) -> np.ndarray:
     return np.where(f.sum(axis=1) > 1e-12, (top2[:, 1] - top2[:, 0]) / total, 0.0)
 
 
-def _fill_unreached(f: np.ndarray, vectors: np.ndarray, seed_index: np.ndarray, seed_class: np.ndarray) -> None:
-    """Nodes the spreading never reached (a graph component without seeds) take their nearest seed's class,
-    with a tiny weight so that their confidence stays at the bottom (they go to review)."""
+def _fill_unreached(
+    f: np.ndarray, vectors: np.ndarray, seed_index: np.ndarray, seed_class: np.ndarray
+) -> np.ndarray:
+    """Nodes the spreading never reached (a graph component without seeds) take their nearest seed's class;
+    returns their indices, whose confidence the caller sets to 0 so that they go to review (the filled row alone
+    would score 1: one class holds all of its tiny weight)."""
     unreached = np.flatnonzero(f.sum(axis=1) <= 1e-12)
     if len(unreached) == 0 or len(seed_index) == 0:
-        return
+        return unreached
     from sklearn.neighbors import NearestNeighbors
 
     nn = NearestNeighbors(n_neighbors=1, metric="cosine").fit(np.asarray(vectors)[seed_index])
     nearest = nn.kneighbors(np.asarray(vectors)[unreached], return_distance=False)[:, 0]
     f[unreached, seed_class[nearest]] = 1e-9
+    return unreached
 
 
 def calibrate(
@@ -267,9 +271,10 @@ def annotate(
         neighbours = (graph or knn_graph(vectors, k))[0]
         f = spread(neighbours, seed_index, seed_class, len(classes))
         margin = _margin(f)  # before the fallback: a node no seed reached is as uncertain as it gets
-        _fill_unreached(f, vectors, seed_index, seed_class)
+        unreached = _fill_unreached(f, vectors, seed_index, seed_class)
         pred, raw = _scores(f)
         prob = np.clip(calibrate(neighbours, seed_index, seed_class, len(classes), folds, seed)(raw), 0, 1)
+        prob[unreached] = 0.0  # no evidence at all (calibration, fitted on reached seeds, knows nothing of them)
         for i in range(n):
             if source[i] == NAMED_CLUSTER and prob[i] < accept_confidence:
                 continue  # a human-named cluster beats an unsure propagation

@@ -123,6 +123,24 @@ def test_label_next_asks_once_per_part_of_the_graph_no_seed_reaches():
     assert len(picks) == 5 and sum(i in set(far.tolist()) for i, _ in picks) == 1
 
 
+def test_images_no_seed_reaches_go_to_review():
+    """A blob without seeds and not linked to any seed in the kNN graph: labelled by the nearest seed's class, but
+    never auto-accepted (its raw score is 0, not the 1 a single filled class would give)."""
+    v, y = _blobs()
+    far = np.flatnonzero(y == "medium")
+    images = [f"img{i}.png" for i in range(len(y))]
+    seeds = {images[i]: "common" for i in np.flatnonzero(y == "common")[:6]}
+    seeds.update({images[i]: "rare" for i in np.flatnonzero(y == "rare")[:4]})
+    ann = annotate(
+        images, v, np.zeros(len(y), int), np.ones(len(y)), HumanInputs({}, seeds, None, "x"), 0.9, 0.1, k=5, folds=2,
+        graph=knn_graph(v, 5),
+    )
+    assert ann.needs_review[far].all() and (ann.confidence[far] < 0.9).all()
+    assert {ann.labels[i] for i in far} <= {"common", "rare"}
+    reached = np.setdiff1d(np.arange(len(y)), far)
+    assert not ann.needs_review[reached].all()  # the seeded blobs are still accepted
+
+
 def test_review_order_interleaves_clusters():
     from tasks.annotation import Annotation
 
