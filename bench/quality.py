@@ -62,11 +62,25 @@ METHODS = {
         {},
         {"init": ["kmeans"], "entropy_weight": 2.0},
     ),
+    # issue 4, third round: a SimCLR block (params.yaml's simclr recipe) beside the descriptors
+    "previous default: morph 1 + stats ½ + LBP ½ → SCAN (candidates by modularity)": (
+        {"method": "combo", "blocks": {"morph": 1.0, "stats": 0.5, "lbp": 0.5}},
+        {},
+    ),
+    "morph 1 + stats ½ + LBP ½ + SimCLR 1 → SCAN (candidates by modularity)": (
+        {"method": "combo", "blocks": {"morph": 1.0, "stats": 0.5, "lbp": 0.5, "simclr": 1.0}},
+        {},
+    ),
+    "default with SimCLR 30 epochs on up to 10k images → SCAN": ({"epochs": 30, "max_train_images": 10000}, {}),
+    "morph 1 + SimCLR 1 → SCAN (candidates by modularity)": (
+        {"method": "combo", "blocks": {"morph": 1.0, "simclr": 1.0}},
+        {},
+    ),
     "default embedding → k-means": ({}, {"method": "kmeans"}),
     "default embedding → HDBSCAN": ({}, {"method": "hdbscan"}),
     "default embedding → agglomerative": ({}, {"method": "agglomerative"}),
 }
-DEFAULT_NAME = "DEFAULT (params.yaml): morph+stats+LBP → SCAN, candidates by modularity"
+DEFAULT_NAME = "DEFAULT (params.yaml): morph 1 + stats ½ + LBP ½ + SimCLR ½ → SCAN, candidates by modularity"
 KEYS = ("acc", "nmi", "ari", "macro_recall", "rare_class_recall")
 
 

@@ -87,7 +87,7 @@ class EmbedParams(_Section):
         "combo", description="What makes the vectors (tasks/embedding.py); combo = weighted blocks (embed.blocks)."
     )
     blocks: dict[str, float] = Field(
-        default_factory=lambda: {"morph": 1.0, "stats": 0.5, "lbp": 0.5},
+        default_factory=lambda: {"morph": 1.0, "stats": 0.5, "lbp": 0.5, "simclr": 0.5},
         description="combo: block → weight (its share of the distance); blocks are any other method.",
     )
     backbone: str = Field("small", description="small (a CNN for grey patches) or a torchvision classifier name.")
