@@ -35,8 +35,14 @@ def embedding_map(vectors: np.ndarray, max_points: int, method: str, seed: int) 
     x = PCA(n_components=min(50, x.shape[1], len(x)), random_state=seed).fit_transform(x)
     if method == "tsne" and len(x) > 10:
         from sklearn.manifold import TSNE
+        from threadpoolctl import threadpool_limits
 
-        xy = TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30, len(x) // 4)).fit_transform(x)
+        # one OpenMP thread: Barnes-Hut t-SNE meets a barrier every iteration, and when the other core is busy
+        # (a shared server, another flow) its threads spin-wait: 2,000 points took 44.6 s on 2 threads at load 4
+        # against 6.4 s on one
+        with threadpool_limits(limits=1, user_api="openmp"):
+            tsne = TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30, len(x) // 4))
+            xy = tsne.fit_transform(x)
     else:
         xy = x[:, :2] if x.shape[1] >= 2 else np.column_stack([x[:, 0], np.zeros(len(x))])
     return idx, xy
