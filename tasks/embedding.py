@@ -277,7 +277,7 @@ def torch_features(model: Embedder, images: np.ndarray, batch_size: int = 256) -
     model = model.to(dev).eval()
     out = np.empty((len(images), model.dim), np.float32)
     for i in range(0, len(images), batch_size):
-        batch = torch.from_numpy(np.ascontiguousarray(images[i : i + batch_size]))
+        batch = torch.from_numpy(np.array(images[i : i + batch_size]))  # a writable copy: images may be read-only
         out[i : i + len(batch)] = model(batch).cpu().numpy()
     return out
 
