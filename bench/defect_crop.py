@@ -38,6 +38,7 @@ from scipy import ndimage
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # bench/quality.py
 
 from tasks.clustering import cluster  # noqa: E402
 from tasks.config import ClusterParams, EmbedParams, load_params  # noqa: E402
@@ -129,15 +130,10 @@ def load_synthetic(root: Path) -> tuple[list[Path], np.ndarray]:
 
 
 def load_deeppcb_quick(seed: int = 0) -> tuple[list[Path], np.ndarray]:
-    """The stratified 3,000-image subset of bench/quality.py --quick (same rows, same rng)."""
-    df = pd.read_csv(DATA / "labels.csv", keep_default_na=False, dtype=str)
-    df = df[df["other_class_in_crop"] == ""].reset_index(drop=True)
-    rng = np.random.default_rng(seed)
-    share = 3000 / len(df)
-    keep = []
-    for _, group in df.groupby("label"):
-        keep.extend(rng.choice(group.index.to_numpy(), size=round(len(group) * share), replace=False).tolist())
-    df = df.loc[sorted(keep)].reset_index(drop=True)
+    """The stratified 3,000-image subset of bench/quality.py --quick (its own row selection)."""
+    from quality import set_rows
+
+    df = set_rows("full", quick=True, seed=seed)
     return [DATA / p for p in df["path"]], df["label"].to_numpy(dtype=str)
 
 

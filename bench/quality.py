@@ -84,10 +84,8 @@ DEFAULT_NAME = "DEFAULT (params.yaml): morph 1 + stats ½ + LBP ½ + SimCLR ½ �
 KEYS = ("acc", "nmi", "ari", "macro_recall", "rare_class_recall")
 
 
-def load_set(name: str, quick: bool, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Standardised images (the pipeline's own standardisation, default lighting) and their labels."""
-    from tasks.config import StandardizeParams
-
+def set_rows(name: str, quick: bool, seed: int = 0) -> pd.DataFrame:
+    """The clean rows (path, label) of a set; ``quick`` on ``full``: the stratified 3,000-image subset."""
     csv = DATA / ("labels-longtail.csv" if name == "longtail" else "labels.csv")
     df = pd.read_csv(csv, keep_default_na=False, dtype=str)
     df = df[df["other_class_in_crop"] == ""].reset_index(drop=True)
@@ -98,6 +96,14 @@ def load_set(name: str, quick: bool, size: int, seed: int = 0) -> tuple[np.ndarr
         for _, group in df.groupby("label"):
             keep.extend(rng.choice(group.index.to_numpy(), size=round(len(group) * share), replace=False).tolist())
         df = df.loc[sorted(keep)].reset_index(drop=True)
+    return df
+
+
+def load_set(name: str, quick: bool, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Standardised images (the pipeline's own standardisation, default lighting) and their labels."""
+    from tasks.config import StandardizeParams
+
+    df = set_rows(name, quick, seed)
     cache = Path("/tmp") / f"aoi-quality-{name}-{'quick' if quick else 'all'}-{size}.npz"
     if cache.is_file():
         blob = np.load(cache, allow_pickle=False)
