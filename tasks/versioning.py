@@ -178,6 +178,11 @@ def recorded_remote(ws: Workspace) -> str:
     return redact_url(url)
 
 
+def _remote(ws: Workspace, remote: str | None) -> str:
+    """The remote to use: ``version.remote``, else ``$AUTOLABEL_DVC_REMOTE``, else ``<workspace>/dvc-remote``."""
+    return remote or os.environ.get(REMOTE_ENV) or str(ws.dvc_remote)
+
+
 def check_remote(ws: Workspace, remote: str | None, retries: int, backoff: float, timeout: float) -> None:
     """Before any work: the DVC remote can be reached (a TCP connection to its endpoint, or a writable folder).
 
@@ -192,7 +197,7 @@ def check_remote(ws: Workspace, remote: str | None, retries: int, backoff: float
     import tempfile
     from urllib.parse import urlsplit
 
-    url = remote or os.environ.get(REMOTE_ENV) or str(ws.dvc_remote)
+    url = _remote(ws, remote)
     if MASK in url and (ws.root / ".dvc").is_dir():
         url = unmask(url, _remote_urls(ws).values()) or url
     scheme = urlsplit(url).scheme.lower() if "://" in url else ""
@@ -247,7 +252,7 @@ def init_workspace(ws: Workspace, remote: str | None) -> str:
     gitignore = ws.root / ".gitignore"
     if not gitignore.exists() or _WS_GITIGNORE not in gitignore.read_text():
         gitignore.write_text(_WS_GITIGNORE + (gitignore.read_text() if gitignore.exists() else ""))
-    url = remote or os.environ.get(REMOTE_ENV) or str(ws.dvc_remote)
+    url = _remote(ws, remote)
     if url == str(ws.dvc_remote):
         ws.dvc_remote.mkdir(exist_ok=True)
     url = _set_remote(ws, url)
