@@ -4,8 +4,9 @@ Every ratio is measured side by side in one run of this script, on synthetic dat
 
 1. ``embed_vs_bare``: images/s of the embed stage (``tasks.stages.run_embed`` on a workspace) vs a bare loop over the
    same pre-decoded images with the same model, batch and threads: for the default combo, the descriptor functions
-   (``tasks.descriptors.*_features``) in chunks of ``runner.chunk``; for ``embed.method=cnn``, ``model(x)`` under
-   ``torch.no_grad`` over pre-made uint8 tensors of 256 images.
+   (``tasks.descriptors.*_features``) in chunks of ``runner.chunk`` and, for its SimCLR block, the same
+   ``tasks.embedding.train_simclr`` loop followed by ``model(x)`` over batches of 256; for ``embed.method=cnn``,
+   ``model(x)`` under ``torch.no_grad`` over pre-made uint8 tensors of 256 images.
 2. ``stats_vs_decode``: images/s of ``tasks.quality.compute_stats`` as the stage calls it (``DEFAULT_WORKERS``
    threads) vs a bare single-threaded Pillow loop ``Image.open(p).load()`` (and vs ``tasks.datasets.decode``, the
    project's decoder) over the same files, page cache warm for both; one thread and two threads are also measured.
@@ -435,7 +436,7 @@ class Bench:
 
         from tasks import descriptors, stages
         from tasks.config import load_params
-        from tasks.embedding import Embedder, build_backbone
+        from tasks.embedding import Embedder, build_backbone, train_simclr
         from tasks.parallel import spans
         from tasks.workspace import Workspace
 
@@ -454,8 +455,15 @@ class Bench:
 
         def bare_combo() -> None:
             for kind in params.embed.blocks:
-                for a, b in spans(len(images), params.runner.chunk):
-                    fns[kind](images[a:b])
+                if kind in fns:
+                    for a, b in spans(len(images), params.runner.chunk):
+                        fns[kind](images[a:b])
+                    continue
+                # a learned block: the same training loop (it is the compute), then a bare model(x) loop
+                trained, _ = train_simclr(images, params.embed, params.base.seed)
+                with torch.no_grad():
+                    for a, b in spans(len(images), 256):
+                        trained(torch.from_numpy(images[a:b].copy()))
 
         cnn_params = load_params(PARAMS, ["embed.method=cnn"])
         stages._set_threads(cnn_params)
