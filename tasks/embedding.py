@@ -233,7 +233,13 @@ def train_simclr(images: np.ndarray, params: EmbedParams, seed: int, log=None) -
     train_idx = np.sort(rng.choice(n, size=min(n, params.max_train_images), replace=False))
     bs = min(params.batch_size, len(train_idx))
     steps = max(1, len(train_idx) // bs) * params.epochs
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=params.lr, total_steps=max(steps, 1), pct_start=0.1)
+    # one-cycle: warm-up (at least 2 steps; torch divides by the warm-up length, so 10 steps at 0.1 failed) and
+    # decay; too few steps for both (a tiny set) keep the constant learning rate
+    sched = (
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=params.lr, total_steps=steps, pct_start=max(0.1, 2 / steps))
+        if steps >= 4
+        else None
+    )
     losses: list[float] = []
     start = time.perf_counter()
     embedder.train()
@@ -248,7 +254,8 @@ def train_simclr(images: np.ndarray, params: EmbedParams, seed: int, log=None) -
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
+            if sched is not None:
+                sched.step()
             total, count = total + float(loss.detach()), count + 1
         losses.append(total / max(count, 1))
         if log is not None:

@@ -61,6 +61,17 @@ def test_each_method_fits_saves_and_reloads(method, tmp_path):
     assert np.allclose(again, vectors, atol=1e-4)
 
 
+@pytest.mark.parametrize("n_images", [8, 16, 40, 96])
+def test_simclr_trains_on_small_sets_with_the_default_schedule(n_images):
+    """Few images make few optimiser steps (96 images = one batch x 10 epochs = 10 steps): the learning-rate
+    schedule must still work (one-cycle with 10 steps at pct_start 0.1 divided by zero)."""
+    torch.set_num_threads(1)
+    images = _images(n=n_images, size=16)
+    params = EmbedParams(method="simclr", input_size=0, max_train_images=n_images, batch_size=256)
+    model, vectors, report = fit_embedder(images, params, seed=0)
+    assert report.epochs == params.epochs and np.isfinite(vectors).all()
+
+
 def test_simclr_is_deterministic_for_a_seed():
     torch.set_num_threads(1)
     images = _images()
