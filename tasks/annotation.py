@@ -6,8 +6,11 @@ Humans give two kinds of input, kept as versioned files in the workspace (``huma
   one defect type often forms several clusters);
 - ``seed_labels.csv``: ``image,label`` for a few images.
 
-Seed labels are propagated over the k-nearest-neighbour graph of the embeddings (scikit-learn's
-``LabelSpreading``), which follows the data's own manifold instead of assuming round, balanced clusters. The raw
+Seed labels are propagated over the k-nearest-neighbour graph of the embeddings (label spreading), which follows
+the data's own manifold instead of assuming round, balanced clusters. Once there are enough seeds, the graph can
+also be built in the embedding plus a block learned from the seeds (:func:`seed_space`, an LDA projection): the
+seeds say which directions separate the classes the human cares about. Which of the two spaces is used is decided
+by the seeds themselves (held-out accuracy in cross-validation), so a handful of seeds cannot make it worse. The raw
 propagation score is calibrated on the seeds themselves (cross-validated: hide a fold of seeds, propagate from the
 rest, and fit an isotonic map from score to "was right"), so ``confidence`` means the estimated probability that
 the label is correct. Images below ``accept_confidence`` abstain (``needs_review``).
@@ -21,7 +24,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +37,8 @@ HUMAN_SEED = "human seed"
 SEED_PROPAGATION = "seed propagation"
 NAMED_CLUSTER = "human-named cluster"
 UNNAMED = "unnamed cluster"
+EMBEDDING_SPACE = "embedding"
+SEED_METRIC_SPACE = "seed-metric"  # the embedding plus the block learned from the seeds
 
 
 class HumanInputError(ValueError):
@@ -203,25 +209,85 @@ def _fill_unreached(
     return unreached
 
 
-def calibrate(
-    neighbours: np.ndarray, seed_index: np.ndarray, seed_class: np.ndarray, n_classes: int, folds: int, seed: int
-):
-    """Fit score → P(correct) on held-out seeds (isotonic). Returns a callable; identity when too few seeds."""
-    from sklearn.isotonic import IsotonicRegression
+def seed_space_possible(seed_class: np.ndarray, weight: float) -> bool:
+    """Enough seeds for :func:`seed_space`: at least 2 classes and 2 seeds per class on average."""
+    n_classes = len(np.unique(seed_class))
+    return weight > 0 and n_classes >= 2 and len(seed_class) >= 2 * n_classes
 
+
+def seed_space(vectors: np.ndarray, seed_index: np.ndarray, seed_class: np.ndarray, weight: float) -> np.ndarray | None:
+    """The vectors with a block learned from the seeds appended: a shrinkage LDA projection (``C - 1`` dims).
+
+    Clusters and the embedding are learned without labels, so their neighbourhoods mix classes that look alike;
+    the seeds say which directions separate the classes the human cares about. The LDA block (mean norm scaled to
+    ``weight`` times the original vectors') pulls same-class neighbours together without discarding the label-free
+    geometry, which still carries images far from every seed. None when there are too few seeds for a stable fit
+    (fewer than 2 classes or fewer than 2 seeds per class on average) or ``weight`` is 0.
+    """
+    if not seed_space_possible(seed_class, weight):
+        return None
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    x = np.asarray(vectors, dtype=np.float64)
+    lda = LinearDiscriminantAnalysis(solver="eigen", shrinkage="auto").fit(x[seed_index], seed_class)
+    z = lda.transform(x)
+    x_scale = max(float(np.linalg.norm(x, axis=1).mean()), 1e-12)
+    z_scale = max(float(np.linalg.norm(z, axis=1).mean()), 1e-12)
+    return np.hstack([x / x_scale, weight * z / z_scale]).astype(np.float32)
+
+
+NeighboursFor = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""(seed indices, their classes) → the kNN lists the labels spread on (the graph may depend on the seeds)."""
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Every seed's propagation score and whether its label came out right when its fold was hidden."""
+
+    raw: np.ndarray
+    hit: np.ndarray
+
+    @property
+    def accuracy(self) -> float:
+        return float(self.hit.mean()) if len(self.hit) else float("nan")
+
+
+def cross_validate(
+    neighbours_for: NeighboursFor,
+    seed_index: np.ndarray,
+    seed_class: np.ndarray,
+    n_classes: int,
+    folds: int,
+    seed: int,
+) -> HeldOut | None:
+    """Hide each fold of seeds in turn and propagate from the rest; None when there are too few seeds.
+
+    Each fold's graph is built from the other folds' seeds only (``neighbours_for``): a metric learned from the
+    held-out seeds would make them look easier than the images they stand for.
+    """
     if len(seed_index) < 2 * folds or n_classes < 2:
-        return lambda raw: raw
+        return None
     rng = np.random.default_rng(seed)
     fold_of = rng.permutation(len(seed_index)) % folds
     raws, hits = [], []
     for f_id in range(folds):
         held = fold_of == f_id
+        neighbours = neighbours_for(seed_index[~held], seed_class[~held])
         f = spread(neighbours, seed_index[~held], seed_class[~held], n_classes)
         pred, raw = _scores(f[seed_index[held]])
         raws.append(raw)
         hits.append(pred == seed_class[held])
+    return HeldOut(np.concatenate(raws), np.concatenate(hits))
+
+
+def calibrator(held_out: HeldOut | None) -> Callable[[np.ndarray], np.ndarray]:
+    """Score → P(correct), isotonic on the held-out seeds; the identity when there are none."""
+    from sklearn.isotonic import IsotonicRegression
+
+    if held_out is None:
+        return lambda raw: raw
     iso = IsotonicRegression(y_min=0.0, y_max=1.0, out_of_bounds="clip", increasing=True)
-    iso.fit(np.concatenate(raws), np.concatenate(hits).astype(float))
+    iso.fit(held_out.raw, held_out.hit.astype(float))
     return iso.predict
 
 
@@ -234,6 +300,10 @@ class Annotation:
     # propagation margin (top minus runner-up class share, before calibration; 1 for seeds): what label-next ranks
     # by. None when there are no seeds or the annotation was read back from a labels.csv.
     margin: np.ndarray | None = None
+    # where the seed labels spread (EMBEDDING_SPACE or SEED_METRIC_SPACE) and each candidate space's held-out seed
+    # accuracy (cross-validated; what chose the space). None / empty without seeds.
+    space: str | None = None
+    held_out_accuracy: dict[str, float] = field(default_factory=dict)
 
 
 def annotate(
@@ -248,11 +318,14 @@ def annotate(
     folds: int = 5,
     seed: int = 0,
     graph: tuple[np.ndarray, np.ndarray] | None = None,
+    metric_weight: float = 1.0,
 ) -> Annotation:
     """A label, a confidence and a source for every image.
 
     Order of authority: a human seed; else a confident seed propagation; else the human name of its cluster;
-    else an uncertain propagation (needs review); else the anonymous cluster.
+    else an uncertain propagation (needs review); else the anonymous cluster. ``graph`` is the kNN graph of
+    ``vectors`` when the caller has it. With ``metric_weight > 0`` and enough seeds, the labels spread on the graph
+    of :func:`seed_space` instead when that predicts held-out seeds better (cross-validated on the seeds).
     """
     n = len(images)
     labels = [f"cluster-{int(c)}" for c in clusters]
@@ -260,6 +333,7 @@ def annotate(
     confidence = np.asarray(cluster_confidence, dtype=float).copy()
     needs_review = confidence < review_below
     margin = None
+    space, held_out = None, {}
     for i, c in enumerate(clusters):
         if int(c) in human.cluster_names:
             labels[i], source[i] = human.cluster_names[int(c)], NAMED_CLUSTER
@@ -268,13 +342,36 @@ def annotate(
         index = {img: i for i, img in enumerate(images)}
         seed_index = np.array([index[img] for img in human.seeds])
         seed_class = np.array([classes.index(lab) for lab in human.seeds.values()])
-        neighbours = (graph or knn_graph(vectors, k))[0]
-        f = spread(neighbours, seed_index, seed_class, len(classes))
+        plain: list[np.ndarray] = [graph[0]] if graph is not None else []
+
+        def embedding_graph(idx: np.ndarray, cls: np.ndarray) -> np.ndarray:
+            if not plain:
+                plain.append(knn_graph(vectors, k)[0])
+            return plain[0]
+
+        def seed_metric_graph(idx: np.ndarray, cls: np.ndarray) -> np.ndarray:
+            learned = seed_space(vectors, idx, cls, metric_weight)
+            return embedding_graph(idx, cls) if learned is None else knn_graph(learned, k)[0]
+
+        # the space the labels spread in: the seed metric only where held-out seeds say it beats the embedding
+        n_classes = len(classes)
+        spaces = {EMBEDDING_SPACE: embedding_graph}
+        if seed_space_possible(seed_class, metric_weight):
+            spaces[SEED_METRIC_SPACE] = seed_metric_graph
+        checked = {
+            name: cross_validate(fn, seed_index, seed_class, n_classes, folds, seed) for name, fn in spaces.items()
+        }
+        plain_cv, metric_cv = checked[EMBEDDING_SPACE], checked.get(SEED_METRIC_SPACE)
+        better = plain_cv is not None and metric_cv is not None and metric_cv.accuracy > plain_cv.accuracy
+        space = SEED_METRIC_SPACE if better else EMBEDDING_SPACE  # ties and too few seeds: the label-free space
+        neighbours = spaces[space](seed_index, seed_class)
+        f = spread(neighbours, seed_index, seed_class, n_classes)
         margin = _margin(f)  # before the fallback: a node no seed reached is as uncertain as it gets
         unreached = _fill_unreached(f, vectors, seed_index, seed_class)
         pred, raw = _scores(f)
-        prob = np.clip(calibrate(neighbours, seed_index, seed_class, len(classes), folds, seed)(raw), 0, 1)
+        prob = np.clip(calibrator(checked[space])(raw), 0, 1)
         prob[unreached] = 0.0  # no evidence at all (calibration, fitted on reached seeds, knows nothing of them)
+        held_out = {name: round(c.accuracy, 4) for name, c in checked.items() if c is not None}
         for i in range(n):
             if source[i] == NAMED_CLUSTER and prob[i] < accept_confidence:
                 continue  # a human-named cluster beats an unsure propagation
@@ -283,7 +380,15 @@ def annotate(
         for img, lab in human.seeds.items():
             i = index[img]
             labels[i], source[i], confidence[i], needs_review[i], margin[i] = lab, HUMAN_SEED, 1.0, False, 1.0
-    return Annotation(labels=labels, confidence=confidence, needs_review=needs_review, source=source, margin=margin)
+    return Annotation(
+        labels=labels,
+        confidence=confidence,
+        needs_review=needs_review,
+        source=source,
+        margin=margin,
+        space=space,
+        held_out_accuracy=held_out,
+    )
 
 
 def annotate_with_params(
@@ -308,6 +413,7 @@ def annotate_with_params(
         folds=params.annotate.calibration_folds,
         seed=params.base.seed,
         graph=graph,
+        metric_weight=params.annotate.metric_weight,
     )
 
 

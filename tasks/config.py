@@ -161,6 +161,12 @@ class AnnotateParams(_Section):
     )
     neighbours: int = Field(10, ge=1, description="k of the nearest-neighbour graph that seed labels spread on.")
     calibration_folds: int = Field(5, ge=2, description="Cross-validation folds over the seeds for calibration.")
+    metric_weight: float = Field(
+        1.0,
+        ge=0.0,
+        description="Weight of the block learned from the seeds (LDA) in the space labels spread in; 0 = the "
+        "label-free embedding only (tasks/annotation.py seed_space).",
+    )
 
 
 class LocalizeParams(_Section):

@@ -268,6 +268,8 @@ def run_annotate(ws: Workspace, params: Params) -> dict[str, Any]:
         "n_seeds": len(human.seeds),
         "n_named_clusters": len(human.cluster_names),
         "label_sources": rows["label_source"].value_counts().to_dict(),
+        "propagation_space": ann.space,
+        "seed_held_out_accuracy": ann.held_out_accuracy,
         "human_inputs": human.as_lineage(),
     }
     truth = _ground_truth(ws, images)

@@ -2,13 +2,16 @@ import numpy as np
 import pytest
 
 from tasks.annotation import (
+    EMBEDDING_SPACE,
     HUMAN_SEED,
     NAMED_CLUSTER,
+    SEED_METRIC_SPACE,
     SEED_PROPAGATION,
     UNNAMED,
     HumanInputError,
     HumanInputs,
     annotate,
+    cross_validate,
     knn_graph,
     label_next,
     load_cluster_names,
@@ -176,3 +179,54 @@ def test_knn_graph_excludes_self():
     idx, sim = knn_graph(v, 5)
     assert idx.shape == (len(v), 5) and not (idx == np.arange(len(v))[:, None]).any()
     assert (sim <= 1.0 + 1e-9).all()
+
+
+def _nuisance(seed=0):
+    """Two classes apart along one weak direction, under a strong nuisance direction (lighting, machine)."""
+    rng = np.random.default_rng(seed)
+    y = np.array(["a", "b"] * 200)
+    v = rng.normal(0, 1, (len(y), 6))
+    v[:, 0] *= 12  # nuisance: most of the variance, no class information
+    v[:, 1] += np.where(y == "a", -1.5, 1.5)
+    return v.astype(np.float32), y
+
+
+def test_seed_metric_is_used_when_held_out_seeds_say_it_helps():
+    v, y = _nuisance()
+    images = [f"i{i}" for i in range(len(y))]
+    seeds = {images[i]: y[i] for i in range(40)}
+    human = HumanInputs({}, seeds, None, "x")
+    clusters, conf = np.zeros(len(y), int), np.ones(len(y))
+    plain = annotate(images, v, clusters, conf, human, 0.9, 0.1, metric_weight=0.0)
+    learned = annotate(images, v, clusters, conf, human, 0.9, 0.1, metric_weight=1.0)
+    acc = {name: label_metrics(list(y[40:]), a.labels[40:], a.needs_review[40:])["overall_accuracy"]
+           for name, a in (("plain", plain), ("learned", learned))}
+    assert plain.space == EMBEDDING_SPACE and learned.space == SEED_METRIC_SPACE
+    assert learned.held_out_accuracy[SEED_METRIC_SPACE] > learned.held_out_accuracy[EMBEDDING_SPACE]
+    assert acc["learned"] > 0.9 and acc["learned"] > acc["plain"] + 0.15, acc
+
+
+def test_too_few_seeds_keep_the_label_free_space():
+    v, y = _nuisance()
+    images = [f"i{i}" for i in range(len(y))]
+    seeds = {images[0]: y[0], images[1]: y[1], images[2]: y[2]}  # fewer than 2 per class on average
+    ann = annotate(images, v, np.zeros(len(y), int), np.ones(len(y)), HumanInputs({}, seeds, None, "x"), 0.9, 0.1)
+    assert ann.space == EMBEDDING_SPACE and ann.held_out_accuracy == {}
+
+
+def test_each_fold_graph_is_built_without_its_held_out_seeds():
+    v, y = _nuisance()
+    neighbours = knn_graph(v, 10)[0]
+    seed_index = np.arange(40)
+    seed_class = (y[:40] == "b").astype(int)
+    seen: list[set[int]] = []
+
+    def neighbours_for(idx, cls):
+        seen.append(set(idx.tolist()))
+        return neighbours
+
+    held = cross_validate(neighbours_for, seed_index, seed_class, 2, folds=4, seed=0)
+    hidden = [set(range(40)) - s for s in seen]
+    assert len(seen) == 4 and all(len(h) == 10 for h in hidden)
+    assert set().union(*hidden) == set(range(40))  # every seed held out exactly once
+    assert held is not None and len(held.raw) == len(held.hit) == 40
