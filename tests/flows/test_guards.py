@@ -59,3 +59,16 @@ def test_second_run_on_a_busy_workspace_stops_with_a_clear_message(prefect_engin
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_the_command_keeps_its_exit_code_and_output_when_it_skips_the_teardown(tmp_path):
+    """``flows.cli.main`` ends with ``os._exit`` after the exit handlers: codes and piped output must survive."""
+    cli = [sys.executable, "-m", "flows.cli"]
+    made = subprocess.run([*cli, "synth", str(tmp_path / "s"), "--n", "50"], capture_output=True, text=True)
+    assert made.returncode == 0 and made.stdout.strip().endswith(str(tmp_path / "s"))  # piped stdout was flushed
+    missing = subprocess.run([*cli, "run", "--images", str(tmp_path / "nope"), "--workspace", str(tmp_path / "w")],
+                             capture_output=True, text=True)
+    assert missing.returncode == 2 and "image folder not found" in missing.stdout + missing.stderr
+    unknown = subprocess.run([*cli, "no-such-command"], capture_output=True, text=True)
+    assert unknown.returncode == 2 and "No such command" in unknown.stdout + unknown.stderr
+    assert not (tmp_path / "w").exists()
