@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -229,7 +230,9 @@ def seed_space(vectors: np.ndarray, seed_index: np.ndarray, seed_class: np.ndarr
     from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
     x = np.asarray(vectors, dtype=np.float64)
-    lda = LinearDiscriminantAnalysis(solver="eigen", shrinkage="auto").fit(x[seed_index], seed_class)
+    with warnings.catch_warnings():  # a class with one seed has no spread of its own: a zero covariance is right
+        warnings.filterwarnings("ignore", message="Only one sample available", category=UserWarning)
+        lda = LinearDiscriminantAnalysis(solver="eigen", shrinkage="auto").fit(x[seed_index], seed_class)
     z = lda.transform(x)
     x_scale = max(float(np.linalg.norm(x, axis=1).mean()), 1e-12)
     z_scale = max(float(np.linalg.norm(z, axis=1).mean()), 1e-12)
