@@ -79,6 +79,7 @@ METHODS = {
     "default embedding → k-means": ({}, {"method": "kmeans"}),
     "default embedding → HDBSCAN": ({}, {"method": "hdbscan"}),
     "default embedding → agglomerative": ({}, {"method": "agglomerative"}),
+    "default + SCAN self-labelling → SCAN": ({}, {"self_label": True}),
 }
 DEFAULT_NAME = "DEFAULT (params.yaml): morph 1 + stats ½ + LBP ½ + SimCLR ½ → SCAN, candidates by modularity"
 KEYS = ("acc", "nmi", "ari", "macro_recall", "rare_class_recall")
