@@ -148,3 +148,18 @@ def test_descriptors_of_an_image_do_not_depend_on_its_batch():
         whole = describe(kind, images)
         chunked = np.concatenate([describe(kind, images[i : i + 7]) for i in range(0, len(images), 7)])
         np.testing.assert_allclose(whole, chunked, atol=1e-5, err_msg=kind)
+
+
+@pytest.mark.parametrize(("exported", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_openmp_threads_sleep_at_barriers_unless_the_user_says_otherwise(exported, expected):
+    """Spinning OpenMP threads made training 10x slower beside one other busy process (tasks/__init__.py)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if exported:
+        env["OMP_WAIT_POLICY"] = exported
+    code = "import os, tasks.embedding; print(os.environ['OMP_WAIT_POLICY'])"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
