@@ -17,6 +17,12 @@ Embedding, clustering and evaluation are the pipeline's own (``fit_embedder`` �
 ``embed.blocks`` without simclr) for the baseline and the crop variants alike, to keep it fast. Descriptors do not
 depend on the seed, so each variant is embedded once and clustered per seed.
 
+Crop as an EXTRA block (the ``whole + crop block`` variants): the whole image is kept and embedded as in the
+baseline, and the cropped image is embedded too, with ``CROP_BLOCKS`` (stats ¼ + LBP ¼: total weight ½ beside the
+whole image's 2); the two vector sets are concatenated. ``fit_embedder`` already z-scores each block, L2-normalises
+it per image and multiplies it by its weight, so the concatenation is exactly the combo embedding of the five blocks
+{morph 1, stats ½, LBP ½, crop stats ¼, crop LBP ¼}: no further scaling.
+
 Sets: (a) ``tasks.synthetic.generate(n=2000, seed=0)`` (k from params.yaml); (b) the DeepPCB 3k quick subset of
 ``bench/quality.py --quick`` (k = 6; its patches are already defect-centred, so a good crop must not hurt them).
 
@@ -105,7 +111,16 @@ def crop_around_peak(grey: np.ndarray, residual: np.ndarray, min_share: float = 
     return grey[top: top + crop, left: left + crop]
 
 
-VARIANTS = {"baseline (no crop)": None, "crop: median residual": residual_median, "crop: top-hat": residual_tophat}
+CROP_BLOCKS = {"stats": 0.25, "lbp": 0.25}  # the extra block on the crop: total weight ½ (the whole image's: 2)
+
+# name -> (residual for the crop, whether the crop is an extra block beside the whole image instead of replacing it)
+VARIANTS = {
+    "baseline (no crop)": (None, False),
+    "crop: median residual": (residual_median, False),
+    "crop: top-hat": (residual_tophat, False),
+    "whole + crop block: median residual": (residual_median, True),
+    "whole + crop block: top-hat": (residual_tophat, True),
+}
 
 
 def standardize_cropped(path: Path, sparams, residual_fn) -> np.ndarray:
@@ -141,12 +156,16 @@ def run_set(name, paths, y, k, sparams, eparams, cparams_base, seeds, variants, 
     print(f"# {name}: {len(paths)} images, {len(set(y))} classes, k = {k}", flush=True)
     cparams = ClusterParams(**{**cparams_base.model_dump(), "k": k})
     for vname in variants:
-        fn = VARIANTS[vname]
+        fn, extra = VARIANTS[vname]
         t0 = time.perf_counter()
-        images = np.stack([standardize_cropped(p, sparams, fn) for p in paths])
+        images = np.stack([standardize_cropped(p, sparams, None if extra else fn) for p in paths])
+        crops = np.stack([standardize_cropped(p, sparams, fn) for p in paths]) if extra else None
         std_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         _, vectors, _ = fit_embedder(images, eparams, 0)
+        if extra:  # each block already carries its weight (L2 norm), so concatenating is the combo convention
+            crop_params = EmbedParams(**{**eparams.model_dump(), "blocks": CROP_BLOCKS})
+            vectors = np.concatenate([vectors, fit_embedder(crops, crop_params, 0)[1]], 1)
         emb_s = time.perf_counter() - t0
         for seed in seeds:
             t0 = time.perf_counter()
@@ -201,7 +220,8 @@ def main(argv: list[str] | None = None) -> None:
                     records)
         rows = summarise(records)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"embed": eparams.model_dump(), "cluster": params.cluster.model_dump(),
+        args.out.write_text(json.dumps({"embed": eparams.model_dump(), "crop_blocks": CROP_BLOCKS,
+                                        "cluster": params.cluster.model_dump(),
                                         "standardize": params.standardize.model_dump(), "seeds": args.seeds,
                                         "wall_seconds": round(time.time() - started, 1),
                                         "median": rows, "records": records}, indent=1))
