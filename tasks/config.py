@@ -83,7 +83,7 @@ class StandardizeParams(_Section):
 
 
 class EmbedParams(_Section):
-    method: Literal["simclr", "cnn", "pretrained", "raw", "hog", "lbp", "stats", "morph", "combo"] = Field(
+    method: Literal["simclr", "cnn", "pretrained", "raw", "hog", "lbp", "stats", "morph", "crop", "combo"] = Field(
         "combo", description="What makes the vectors (tasks/embedding.py); combo = weighted blocks (embed.blocks)."
     )
     blocks: dict[str, float] = Field(

@@ -10,6 +10,9 @@
   at several radii remove or fill near the centre (spurs, bridges, breaks, bites, holes), whether they split or join
   the components that touch the centre, isolated blobs there, and ring occupancy. Strong on binarised layouts (PCB
   copper); generic as a description of small bright/dark structures, weaker on textures (``lbp``, ``stats``).
+- ``crop``: ``stats`` and ``lbp`` of a square crop around the image's most anomalous spot, found without a template
+  (median-background residual). The other descriptors look at the image centre; a small defect elsewhere in a
+  whole-part image is a few pixels of their pooled windows. An extra block beside them, not a replacement.
 
 Every function is deterministic and vectorised over the batch with :mod:`scipy.ndimage` separable filters.
 """
@@ -19,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-DESCRIPTORS = ("raw", "hog", "lbp", "stats", "morph")
+DESCRIPTORS = ("raw", "hog", "lbp", "stats", "morph", "crop")
 MORPH_RADII = (1.0, 2.0, 3.0, 5.0)
 """Disk radii (px at the standardised size) of the openings and closings of :func:`morph_features`."""
 
@@ -216,6 +219,100 @@ def morph_features(images: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     return np.concatenate(feats, 1).astype(np.float32)
 
 
+def defect_residual(images: np.ndarray) -> np.ndarray:
+    """``(N, S, S)`` float32: ``|image - local median background|``, lightly smoothed; large where a small structure
+    differs from its surroundings (specks, voids, short scratches), small on regular texture and on large pads.
+
+    The background is the median in a window of side S/4, computed on the image area-downsampled 2x (window S/8) and
+    bilinearly upsampled: a median filter at full size costs ~11 ms per 64 px image, this ~1 ms, and a background
+    is smooth anyway. Per image (in-plane filters only): no image depends on the others of the batch.
+    """
+    x = _float(images)
+    n, s, _ = x.shape
+    if s % 2 == 0 and s >= 16:
+        small = x.reshape(n, s // 2, 2, s // 2, 2).mean(axis=(2, 4))
+    else:
+        small = x
+    k = max(3, int(round(small.shape[1] / 4)))
+    k += 1 - k % 2  # odd
+    bg = ndimage.median_filter(small, size=(1, k, k), mode="nearest")
+    if bg.shape[1] != s:
+        bg = ndimage.zoom(bg, (1, s / bg.shape[1], s / bg.shape[2]), order=1, mode="nearest")
+    return ndimage.gaussian_filter(np.abs(x - bg), sigma=(0, max(1.0, s / 64), max(1.0, s / 64))).astype(np.float32)
+
+
+def crop_window(residual: np.ndarray, min_share: float = 1 / 3) -> tuple[int, int, int]:
+    """``(top, left, side)`` of the square crop of one ``(S, S)`` residual map: centred on the maximum outside a
+    border of S/16 (filter edge effects), side ``max(min_share * S, 2 x the extent of the peak's region above half
+    the peak)``, at most S, shifted to stay inside the image (as ``bench/defect_crop.py``). A flat map gives the
+    centre crop."""
+    h, w = residual.shape
+    border = max(1, min(h, w) // 16)
+    inner = residual[border : h - border, border : w - border]
+    cy, cx = np.unravel_index(int(np.argmax(inner)), inner.shape)
+    cy, cx = cy + border, cx + border
+    peak = float(residual[cy, cx])
+    extent = 0
+    if peak > 1e-6:
+        lab, _ = ndimage.label(residual >= 0.5 * peak)
+        sl = ndimage.find_objects((lab == lab[cy, cx]).astype(np.int32))[0]
+        extent = max(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start)
+    else:
+        cy, cx = h // 2, w // 2
+    side = int(min(h, w, max(round(min_share * min(h, w)), 2 * extent)))
+    top = int(np.clip(cy - side // 2, 0, h - side))
+    left = int(np.clip(cx - side // 2, 0, w - side))
+    return top, left, side
+
+
+def defect_crops(images: np.ndarray, side: int | None = None) -> np.ndarray:
+    """``(N, side, side)`` uint8 crops around each image's :func:`defect_residual` peak (:func:`crop_window`),
+    resized with Pillow (area when shrinking, bilinear when enlarging); ``side`` defaults to S/2."""
+    from PIL import Image
+
+    images = np.asarray(images)
+    side = side or max(8, images.shape[1] // 2)
+    out = np.empty((len(images), side, side), np.uint8)
+    for i, (im, res) in enumerate(zip(images, defect_residual(images), strict=True)):
+        top, left, c = crop_window(res)
+        patch = Image.fromarray(np.ascontiguousarray(im[top : top + c, left : left + c], dtype=np.uint8))
+        resample = Image.Resampling.BOX if c > side else Image.Resampling.BILINEAR
+        out[i] = np.asarray(patch.resize((side, side), resample=resample))
+    return out
+
+
+def _equal_shares(parts: list[np.ndarray]) -> np.ndarray:
+    """Concatenate feature parts, repeating columns so each part has (nearly) the same number of them.
+
+    The embedder z-scores every dimension and L2-normalises the block, so a part's expected share of the block's
+    squared norm is its share of the dimensions (any fixed scale would be undone by the z-score); equal dimension
+    counts give the parts equal shares, as separate blocks of equal weight would.
+    """
+    dims = [p.shape[1] for p in parts]
+    best = None
+    for base in range(1, 6):  # the smallest repetition within 3 % of equal
+        reps = [max(1, round(base * max(dims) / d)) for d in dims]
+        cols = [r * d for r, d in zip(reps, dims, strict=True)]
+        err = (max(cols) - min(cols)) / max(cols)
+        if best is None or err < best[0] - 1e-9:
+            best = (err, reps)
+        if err <= 0.03:
+            break
+    return np.concatenate([np.tile(p, (1, r)) for p, r in zip(parts, best[1], strict=True)], 1)
+
+
+def crop_features(images: np.ndarray) -> np.ndarray:
+    """``stats`` and ``lbp`` of :func:`defect_crops` (side S/2), with equal shares of the block (:func:`_equal_shares`).
+
+    Why: on whole-part images (no AOI crop), a small defect away from the centre is invisible to the centre-pooled
+    descriptors; ``bench/defect_crop.py`` found a median-residual crop as an extra block lifts clustering on such
+    images and does not hurt defect-centred patches. Computed on the standardised images, so the same fitted model
+    embeds refresh batches and serves.
+    """
+    crops = defect_crops(images)
+    return _equal_shares([stats_features(crops), lbp_features(crops)]).astype(np.float32)
+
+
 def describe(name: str, images: np.ndarray) -> np.ndarray:
     """The named descriptor for a batch of standardised images, ``(N, d)`` float32."""
     fn = {
@@ -224,6 +321,7 @@ def describe(name: str, images: np.ndarray) -> np.ndarray:
         "lbp": lbp_features,
         "stats": stats_features,
         "morph": morph_features,
+        "crop": crop_features,
     }.get(name)
     if fn is None:
         raise ValueError(f"unknown descriptor {name!r}; choose from {', '.join(DESCRIPTORS)}")

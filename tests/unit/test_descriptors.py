@@ -1,10 +1,21 @@
-"""The morphology descriptor on drawn binary patches: each defect kind moves the features it should, no mocks."""
+"""The morphology descriptor on drawn binary patches: each defect kind moves the features it should; the defect-area
+crop finds a small speck on a patterned background. No mocks."""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
-from tasks.descriptors import component_stats, morph_features
+from tasks.descriptors import (
+    component_stats,
+    crop_features,
+    crop_window,
+    defect_crops,
+    defect_residual,
+    lbp_features,
+    morph_features,
+    stats_features,
+)
 
 S = 48
 
@@ -60,3 +71,40 @@ def test_morph_features_barely_move_when_the_defect_shifts_a_pixel():
     fa, fb = morph_features(np.stack([a, b]))
     fc = morph_features(_kinds()["blob"][None])[0]
     assert np.linalg.norm(fa - fb) < 0.5 * np.linalg.norm(fa - fc)
+
+
+def _textured(size: int = 64, seed: int = 0) -> np.ndarray:
+    """A regular pad grid (period 8) with a lighting gradient and noise: structure everywhere, no defect."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    grid = np.where((yy % 8 < 4) & (xx % 8 < 4), 150.0, 90.0)
+    return np.clip(grid + 0.4 * xx + rng.normal(0, 6, (size, size)), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize(("y", "x", "value"), [(14, 47, 255), (50, 12, 255), (40, 40, 0)])
+def test_crop_is_centred_on_a_small_speck_off_centre_on_a_patterned_background(y, x, value):
+    im = _textured()
+    im[y : y + 2, x : x + 2] = value  # a 2 x 2 px speck (bright, or dark)
+    top, left, side = crop_window(defect_residual(im[None])[0])
+    assert 64 // 3 - 1 <= side <= 32  # a small region: the minimum crop, not the whole image
+    centre = np.array([top + side / 2, left + side / 2])
+    assert np.linalg.norm(centre - np.array([y + 1, x + 1])) <= 3
+    crop = defect_crops(im[None])[0]
+    assert crop.shape == (32, 32)
+    assert (crop.max() == 255) if value == 255 else (crop.min() == 0)  # the speck is in the crop
+
+
+def test_crop_features_give_stats_and_lbp_equal_shares_and_ignore_the_batch():
+    """The embedder z-scores each dimension, so equal shares of the block mean (nearly) equal column counts."""
+    speck = _textured(seed=1)
+    speck[10:12, 50:52] = 255
+    images = np.stack([_textured(seed=2), speck])
+    f = crop_features(images)
+    crops = defect_crops(images)
+    stats, lbp = stats_features(crops), lbp_features(crops)
+    r_stats = next(r for r in range(1, 20) if (f.shape[1] - r * stats.shape[1]) % lbp.shape[1] == 0)
+    n_stats = r_stats * stats.shape[1]
+    np.testing.assert_allclose(f[:, :n_stats], np.tile(stats, (1, r_stats)), atol=1e-6)
+    np.testing.assert_allclose(f[:, n_stats:], np.tile(lbp, (1, (f.shape[1] - n_stats) // lbp.shape[1])), atol=1e-6)
+    assert abs(2 * n_stats - f.shape[1]) <= 0.03 * f.shape[1]
+    np.testing.assert_allclose(crop_features(speck[None])[0], f[1], atol=1e-6)
