@@ -585,9 +585,10 @@ def deploy_cmd(
 def main() -> None:
     """The ``autolabel`` command. After the command, exit without the interpreter's teardown.
 
-    The exit handlers still run (Prefect's temporary server stops, log handlers and MLflow flush, temporary folders
-    go), then the process ends. What is skipped is freeing every module and object one by one, which after a run
-    (torch, its thread pools, a few GB of arrays) took 2-4 s of a command's wall time with nothing left to do.
+    The exit hooks still run (Prefect sends its queued logs and events, its temporary server stops, log handlers and
+    MLflow flush, temporary folders go), then the process ends. What is skipped is freeing every module and object
+    one by one, which after a run (torch, its thread pools, a few GB of arrays) took 2-4 s of a command's wall time
+    with nothing left to do.
     """
     try:
         app()
@@ -596,7 +597,10 @@ def main() -> None:
         if isinstance(exc.code, str):
             print(exc.code, file=sys.stderr)
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    atexit._run_exitfuncs()  # what a normal exit runs first; os._exit below skips only the teardown after it
+    # a normal exit's first two steps, in its order: join the threads and run their exit hooks (Prefect drains its
+    # log and event queues to the API there), then the atexit handlers; os._exit skips only the teardown after them
+    threading._shutdown()
+    atexit._run_exitfuncs()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
