@@ -76,6 +76,11 @@ METHODS = {
         {"method": "combo", "blocks": {"morph": 1.0, "simclr": 1.0}},
         {},
     ),
+    # issue 4, fourth round: the template-free defect-area crop as an extra descriptor block (tasks/descriptors.py)
+    "default + crop ½ → SCAN (candidates by modularity)": (
+        {"method": "combo", "blocks": {"morph": 1.0, "stats": 0.5, "lbp": 0.5, "simclr": 0.5, "crop": 0.5}},
+        {},
+    ),
     "default embedding → k-means": ({}, {"method": "kmeans"}),
     "default embedding → HDBSCAN": ({}, {"method": "hdbscan"}),
     "default embedding → agglomerative": ({}, {"method": "agglomerative"}),
