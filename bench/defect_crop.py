@@ -23,6 +23,12 @@ whole image's 2); the two vector sets are concatenated. ``fit_embedder`` already
 it per image and multiplies it by its weight, so the concatenation is exactly the combo embedding of the five blocks
 {morph 1, stats ½, LBP ½, crop stats ¼, crop LBP ¼}: no further scaling.
 
+In-pipeline crop (the ``pipeline blocks + crop descriptor`` variants): no native-resolution crop; the baseline's
+standardised images are embedded with the pipeline's own blocks plus the ``crop`` descriptor of
+``tasks/descriptors.py`` (residual, crop and stats + LBP all on the standardised S x S image), i.e.
+``{morph 1, stats ½, lbp ½, crop w}``. w = ½ is the requested weight; w = 0.354 = √(¼² + ¼²) gives the crop part the
+same L2 norm as the bench's two ¼ blocks (weights are norms, see ``tasks/embedding.py``); 0.25 and 0.42 bracket them.
+
 Sets: (a) ``tasks.synthetic.generate(n=2000, seed=0)`` (k from params.yaml); (b) the DeepPCB 3k quick subset of
 ``bench/quality.py --quick`` (k = 6; its patches are already defect-centred, so a good crop must not hurt them).
 
@@ -113,13 +119,18 @@ def crop_around_peak(grey: np.ndarray, residual: np.ndarray, min_share: float = 
 
 CROP_BLOCKS = {"stats": 0.25, "lbp": 0.25}  # the extra block on the crop: total weight ½ (the whole image's: 2)
 
-# name -> (residual for the crop, whether the crop is an extra block beside the whole image instead of replacing it)
+# name -> (residual for the crop, whether the crop is an extra block beside the whole image instead of replacing it,
+#          weight of the in-pipeline ``crop`` descriptor block (on the standardised images) or None)
 VARIANTS = {
-    "baseline (no crop)": (None, False),
-    "crop: median residual": (residual_median, False),
-    "crop: top-hat": (residual_tophat, False),
-    "whole + crop block: median residual": (residual_median, True),
-    "whole + crop block: top-hat": (residual_tophat, True),
+    "baseline (no crop)": (None, False, None),
+    "crop: median residual": (residual_median, False, None),
+    "crop: top-hat": (residual_tophat, False, None),
+    "whole + crop block: median residual": (residual_median, True, None),
+    "whole + crop block: top-hat": (residual_tophat, True, None),
+    "pipeline blocks + crop descriptor 0.25": (None, False, 0.25),
+    "pipeline blocks + crop descriptor 0.354": (None, False, round(float(np.sqrt(0.125)), 3)),
+    "pipeline blocks + crop descriptor 0.42": (None, False, 0.42),
+    "pipeline blocks + crop descriptor 0.5": (None, False, 0.5),
 }
 
 
@@ -156,13 +167,17 @@ def run_set(name, paths, y, k, sparams, eparams, cparams_base, seeds, variants, 
     print(f"# {name}: {len(paths)} images, {len(set(y))} classes, k = {k}", flush=True)
     cparams = ClusterParams(**{**cparams_base.model_dump(), "k": k})
     for vname in variants:
-        fn, extra = VARIANTS[vname]
+        fn, extra, crop_weight = VARIANTS[vname]
         t0 = time.perf_counter()
         images = np.stack([standardize_cropped(p, sparams, None if extra else fn) for p in paths])
         crops = np.stack([standardize_cropped(p, sparams, fn) for p in paths]) if extra else None
         std_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        _, vectors, _ = fit_embedder(images, eparams, 0)
+        vparams = eparams
+        if crop_weight is not None:  # the descriptor block on the standardised images, beside the usual blocks
+            vparams = EmbedParams(**{**eparams.model_dump(), "blocks": {**eparams.blocks, "crop": crop_weight}})
+        _, vectors, report = fit_embedder(images, vparams, 0)
+        crop_s = report.block_seconds.get("crop")
         if extra:  # each block already carries its weight (L2 norm), so concatenating is the combo convention
             crop_params = EmbedParams(**{**eparams.model_dump(), "blocks": CROP_BLOCKS})
             vectors = np.concatenate([vectors, fit_embedder(crops, crop_params, 0)[1]], 1)
@@ -173,7 +188,10 @@ def run_set(name, paths, y, k, sparams, eparams, cparams_base, seeds, variants, 
             cl_s = time.perf_counter() - t0
             m = evaluate(y, result.labels)
             rec = {"set": name, "variant": vname, "seed": seed, **{kk: round(float(m[kk]), 4) for kk in KEYS},
-                   "standardize_s": round(std_s, 1), "embed_s": round(emb_s, 1), "cluster_s": round(cl_s, 1)}
+                   "standardize_s": round(std_s, 1), "embed_s": round(emb_s, 1), "cluster_s": round(cl_s, 1),
+                   "n_images": len(paths)}
+            if crop_s is not None:
+                rec["crop_block_s"] = crop_s
             print(json.dumps(rec), flush=True)
             rec["per_class_recall"] = {c: round(float(r), 3) for c, r in m["per_class_recall"].items()}
             records.append(rec)
@@ -185,6 +203,9 @@ def summarise(records):
         med = {kk: float(np.median(grp[kk])) for kk in (*KEYS, "standardize_s", "embed_s", "cluster_s")}
         classes = grp["per_class_recall"].iloc[0]
         per_class = {c: float(np.median([r[c] for r in grp["per_class_recall"]])) for c in classes}
+        if "crop_block_s" in grp and grp["crop_block_s"].notna().all():
+            med["crop_block_s"] = float(np.median(grp["crop_block_s"]))
+            med["crop_block_s_per_1000"] = round(1000 * med["crop_block_s"] / float(grp["n_images"].iloc[0]), 2)
         rows.append({"set": s, "variant": v, "seeds": grp["seed"].tolist(), **med,
                      "per_seed": {kk: grp[kk].tolist() for kk in KEYS}, "per_class_recall_median": per_class})
     return rows
