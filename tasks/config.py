@@ -9,10 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ParamsError(ValueError):
@@ -82,14 +82,31 @@ class StandardizeParams(_Section):
         return self
 
 
+EmbedMethod = Literal["simclr", "cnn", "pretrained", "raw", "hog", "lbp", "stats", "morph", "crop", "combo"]
+
+
 class EmbedParams(_Section):
-    method: Literal["simclr", "cnn", "pretrained", "raw", "hog", "lbp", "stats", "morph", "crop", "combo"] = Field(
+    method: EmbedMethod = Field(
         "combo", description="What makes the vectors (tasks/embedding.py); combo = weighted blocks (embed.blocks)."
     )
     blocks: dict[str, float] = Field(
         default_factory=lambda: {"morph": 1.0, "stats": 0.5, "lbp": 0.5, "simclr": 0.5},
         description="combo: block → weight (its share of the distance); blocks are any other method.",
     )
+
+    @field_validator("blocks")
+    @classmethod
+    def _known_blocks(cls, blocks: dict[str, float]) -> dict[str, float]:
+        """A misspelt block fails at load, naming the choices, not after the stages before embed have run."""
+        known = [m for m in get_args(EmbedMethod) if m != "combo"]
+        unknown = sorted(set(blocks) - set(known))
+        if unknown:
+            raise ValueError(f"unknown block(s) {unknown}; blocks are {known}")
+        negative = sorted(k for k, w in blocks.items() if w < 0)
+        if negative:
+            raise ValueError(f"negative weight for {negative}; 0 switches a block off")
+        return blocks
+
     backbone: str = Field("small", description="small (a CNN for grey patches) or a torchvision classifier name.")
     weights: str | None = Field(
         None, description="null = random init; imagenet = $TORCH_HOME/hub/checkpoints; or a local .pth file."

@@ -36,6 +36,8 @@ def test_unknown_section_is_named(tmp_path):
         ("validate.max_fail_share=1.5", "validate.max_fail_share"),
         ("standardize.lighting=sunny", "standardize.lighting"),
         ("cluster.k=many", "cluster.k"),
+        ("embed.blocks={morph: 1, sift: 1}", "embed.blocks"),  # a misspelt block fails at load, not at embed
+        ("embed.blocks={morph: -0.5}", "embed.blocks"),
     ],
 )
 def test_bad_override_values_name_the_key(override, key):
