@@ -2,8 +2,9 @@
 
 import os
 
-# OpenMP threads (torch, scikit-learn) that reach a barrier early sleep instead of spinning. With spinning (the
-# default), one other busy process on a 2-core machine made SimCLR training 10x slower (2,000 images, one epoch,
-# two threads: 27-31 s against 2.7 s passive, 2.5 s on one thread). Set before torch loads its OpenMP runtime,
-# which happens only through this package; a value the user exported wins.
+# OpenMP threads (torch, scikit-learn) that reach a barrier early sleep instead of spinning. Beside another job with
+# spinning threads at the same priority (a second run, a test suite), SimCLR training on two threads took 7.5-31 s
+# spinning against 2.9 s sleeping (2,000 images, one epoch); on an idle machine sleeping costs ~4 % (1.63 vs 1.56 s)
+# and beside a low-priority busy loop up to 40 % (bench/omp_wait.py, bench/RESULTS.md). Set before torch loads its
+# OpenMP runtime, which happens only through this package; a value the user exported wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
