@@ -81,6 +81,10 @@ METHODS = {
         {"method": "combo", "blocks": {"morph": 1.0, "stats": 0.5, "lbp": 0.5, "simclr": 0.5, "crop": 0.5}},
         {},
     ),
+    "default + crop 0.35 → SCAN (candidates by modularity)": (
+        {"method": "combo", "blocks": {"morph": 1.0, "stats": 0.5, "lbp": 0.5, "simclr": 0.5, "crop": 0.35}},
+        {},
+    ),
     "default embedding → k-means": ({}, {"method": "kmeans"}),
     "default embedding → HDBSCAN": ({}, {"method": "hdbscan"}),
     "default embedding → agglomerative": ({}, {"method": "agglomerative"}),
