@@ -305,9 +305,10 @@ def crop_features(images: np.ndarray) -> np.ndarray:
     """``stats`` and ``lbp`` of :func:`defect_crops` (side S/2), with equal shares of the block (:func:`_equal_shares`).
 
     Why: on whole-part images (no AOI crop), a small defect away from the centre is invisible to the centre-pooled
-    descriptors; ``bench/defect_crop.py`` found a median-residual crop as an extra block lifts clustering on such
-    images and does not hurt defect-centred patches. Computed on the standardised images, so the same fitted model
-    embeds refresh batches and serves.
+    descriptors; as an extra block (weight 0.35) it lifted the synthetic whole-part set (ACC .27 -> .32) but cost
+    the rare classes of DeepPCB's long tail (macro recall .66 -> .52), so it is an option, not a default
+    (bench/RESULTS.md, "Fourth round"). Computed on the standardised images, so the same fitted model embeds refresh
+    batches and serves.
     """
     crops = defect_crops(images)
     return _equal_shares([stats_features(crops), lbp_features(crops)]).astype(np.float32)
