@@ -91,7 +91,8 @@ class EmbedParams(_Section):
     )
     blocks: dict[str, float] = Field(
         default_factory=lambda: {"morph": 1.0, "stats": 0.5, "lbp": 0.5, "simclr": 0.5},
-        description="combo: block → weight (its share of the distance); blocks are any other method.",
+        description="combo: block → weight (its length in each vector; its share of squared distances goes with "
+        "weight²); blocks are any other method.",
     )
 
     @field_validator("blocks")

@@ -16,8 +16,9 @@
 - ``combo``: a weighted concatenation of any of the above (``embed.blocks``, e.g. ``{simclr: 1, stats: 0.5}``).
 
 Every block is standardised (z-score per dimension, fitted on the run's images), optionally PCA-reduced,
-L2-normalised per image and multiplied by its weight; blocks are then concatenated. So a block's weight is its
-share of the squared distance between two images, whatever its dimension.
+L2-normalised per image and multiplied by its weight; blocks are then concatenated. So a block's weight is its length
+in every vector, whatever its dimension, and its share of the squared distance between two images goes with
+weight² (weights 1 and ½: shares of about 4 to 1).
 """
 
 from __future__ import annotations
