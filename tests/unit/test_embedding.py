@@ -108,8 +108,11 @@ def test_combo_weights_blocks_and_shares_a_cache():
 
 
 def test_unknown_block_is_refused():
-    with pytest.raises(ValueError, match="unknown block"):
-        fit_embedder(_images(), EmbedParams(method="combo", blocks={"sift": 1.0}), seed=0)
+    with pytest.raises(ValueError, match="unknown block"):  # at load (tasks/config.py)
+        EmbedParams(method="combo", blocks={"sift": 1.0})
+    unchecked = EmbedParams(method="combo").model_copy(update={"blocks": {"sift": 1.0}})  # model_copy skips it
+    with pytest.raises(ValueError, match="unknown block"):  # and again where the blocks are fitted
+        fit_embedder(_images(), unchecked, seed=0)
 
 
 def test_pretrained_weights_missing_give_a_clear_error_and_never_download(tmp_path, monkeypatch):
