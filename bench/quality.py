@@ -38,7 +38,8 @@ from tasks.standardize import standardize_image  # noqa: E402
 DATA = ROOT.parent / "shared" / "data" / "deeppcb-patches"
 RESULTS = ROOT / "bench" / "results" / "quality.json"
 
-# name → (embed overrides, cluster overrides). Baselines first (as in the issue: k-means).
+# name → (embed overrides, cluster overrides[, fit_embedder keyword options]). Baselines first (as in the issue:
+# k-means).
 BASELINES = {
     "raw pixels + PCA": ({"method": "raw"}, {"method": "kmeans"}),
     "HOG": ({"method": "hog"}, {"method": "kmeans"}),
@@ -85,6 +86,13 @@ METHODS = {
         {"method": "combo", "blocks": {"morph": 1.0, "stats": 0.5, "lbp": 0.5, "simclr": 0.5, "crop": 0.35}},
         {},
     ),
+    # issue 4, fifth round: SimCLR options of fit_embedder (keyword options, third element), params.yaml otherwise
+    "default, SimCLR as 2 trainings of 5 epochs (seeds s, s+1000), weight ½/√2 each → SCAN": (
+        {},
+        {},
+        {"simclr_runs": 2},
+    ),
+    "default, SimCLR views keep the central half (crops ≥ 75 %, was 60 %) → SCAN": ({}, {}, {"crop_min_scale": 0.75}),
     "default embedding → k-means": ({}, {"method": "kmeans"}),
     "default embedding → HDBSCAN": ({}, {"method": "hdbscan"}),
     "default embedding → agglomerative": ({}, {"method": "agglomerative"}),
@@ -141,19 +149,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         shared: dict = {}  # descriptor blocks do not depend on the seed: fitted once
         for seed in args.seeds:
             torch_seed = seed if seed in args.seeds[: args.ssl_seeds] else args.seeds[0]
-            per_seed = shared.setdefault(("torch", torch_seed), {})
-            for name, (e_over, c_over) in methods.items():
+            for name, (e_over, c_over, *rest) in methods.items():
+                options = rest[0] if rest else {}
                 eparams = EmbedParams(**{**defaults.embed.model_dump(), **e_over})
                 cparams = ClusterParams(**{**defaults.cluster.model_dump(), "k": k, **c_over})
                 blocks = eparams.blocks if eparams.method == "combo" else {eparams.method: 1.0}
-                cache = {}
-                for b in blocks:
-                    src = per_seed if b in TORCH_METHODS else shared.setdefault("desc", {})
-                    if b in src:
-                        cache[b] = src[b]
-                model, vectors, rep = fit_embedder(images, eparams, torch_seed, cache=cache)
-                for b in blocks:
-                    (per_seed if b in TORCH_METHODS else shared["desc"])[b] = cache[b]
+                # torch blocks shared only between methods with the same training settings (seed, embed params
+                # other than the block weights, keyword options); descriptor blocks by all
+                recipe = json.dumps(
+                    {**eparams.model_dump(exclude={"method", "blocks"}), **options, "seed": torch_seed}, sort_keys=True
+                )
+                per_seed = shared.setdefault(("torch", recipe), {})
+                desc = shared.setdefault("desc", {})
+                cache = {**desc, **per_seed}
+                model, vectors, rep = fit_embedder(images, eparams, torch_seed, cache=cache, **options)
+                for key, value in cache.items():
+                    (per_seed if key.split("-")[0] in TORCH_METHODS else desc)[key] = value
                 start = time.perf_counter()
                 result = cluster(vectors, cparams, seed)
                 cluster_s = time.perf_counter() - start
@@ -163,7 +174,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "method": name,
                     "seed": seed,
                     "ssl_seed": torch_seed if any(b in TORCH_METHODS for b in blocks) else None,
-                    "embed": {"method": eparams.method, "blocks": blocks if eparams.method == "combo" else None},
+                    "embed": {
+                        "method": eparams.method,
+                        "blocks": blocks if eparams.method == "combo" else None,
+                        **options,
+                    },
                     "cluster": {"method": cparams.method, "k": cparams.k},
                     **{key: round(float(m[key]), 4) for key in KEYS},
                     "per_class_recall": {c: round(v, 4) for c, v in m["per_class_recall"].items()},

@@ -54,6 +54,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--set", action="append", default=[], help="section.key=value (YAML value), embed/cluster")
+    ap.add_argument("--simclr-runs", type=int, default=1, help="fit_embedder's simclr_runs (SimCLR trainings "
+                    "of epochs/N epochs each, concatenated)")
+    ap.add_argument("--crop-min-scale", type=float, default=0.6, help="fit_embedder's crop_min_scale (smallest "
+                    "crop of a SimCLR view)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
@@ -73,7 +77,8 @@ def main(argv: list[str] | None = None) -> None:
     records = []
     for seed in args.seeds:
         start = time.perf_counter()
-        _, vectors, rep = fit_embedder(images, eparams, seed)
+        options = {"simclr_runs": args.simclr_runs, "crop_min_scale": args.crop_min_scale}
+        _, vectors, rep = fit_embedder(images, eparams, seed, **options)
         embed_s = time.perf_counter() - start
         result = cluster(vectors, cparams, seed)
         m = evaluate(y, result.labels)
@@ -85,7 +90,13 @@ def main(argv: list[str] | None = None) -> None:
     print("median", json.dumps(med))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        blob = {"embed": eparams.model_dump(), "cluster": cparams.model_dump(), "records": records, "median": med}
+        blob = {
+            "embed": eparams.model_dump(),
+            "options": {"simclr_runs": args.simclr_runs, "crop_min_scale": args.crop_min_scale},
+            "cluster": cparams.model_dump(),
+            "records": records,
+            "median": med,
+        }
         args.out.write_text(json.dumps(blob, indent=1))
 
 

@@ -172,14 +172,18 @@ class Embedder(nn.Module):
         return F.normalize(self.features(x), dim=1)
 
 
-def _views(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def _views(batch: torch.Tensor, gen: torch.Generator, min_scale: float = 0.6) -> torch.Tensor:
     """One random SimCLR view per image of a float batch ``(B, 1, S, S)`` in [0, 1].
 
     Crops keep most of the image (defects are near the centre of AOI crops), then 90° rotations, flips,
     brightness/contrast/gamma jitter and sensor noise: the nuisances that differ between machines.
+
+    A crop's side is a uniform share in ``[min_scale, 1]`` of the image side and it stays inside the image, so
+    before the small rotation every view contains the central square of side ``2 * min_scale - 1``
+    (0.6: the central 20 %, ~13 px of 64; 0.75: the central half).
     """
     b, _, s, _ = batch.shape
-    scale = torch.empty(b).uniform_(0.6, 1.0, generator=gen)
+    scale = torch.empty(b).uniform_(min_scale, 1.0, generator=gen)
     shift = (1 - scale).unsqueeze(1) * (torch.rand(b, 2, generator=gen) * 2 - 1)
     angle = torch.randint(0, 4, (b,), generator=gen).float() * (math.pi / 2)
     angle = angle + torch.empty(b).uniform_(-0.2, 0.2, generator=gen)
@@ -210,11 +214,16 @@ class TrainReport:
     device: str
 
 
-def train_simclr(images: np.ndarray, params: EmbedParams, seed: int, log=None) -> tuple[Embedder, TrainReport]:
+def train_simclr(
+    images: np.ndarray, params: EmbedParams, seed: int, log=None, crop_min_scale: float = 0.6
+) -> tuple[Embedder, TrainReport]:
     """Train an :class:`Embedder` with SimCLR on standardised images ``(N, S, S)`` uint8.
 
-    Seeded and, on the CPU, deterministic for a fixed thread count.
+    Seeded and, on the CPU, deterministic for a fixed thread count. ``crop_min_scale``: the smallest crop side of
+    a view, as a share of the image side (:func:`_views`; in (0.5, 1]: every view keeps the image centre).
     """
+    if not 0.5 < crop_min_scale <= 1.0:
+        raise ValueError(f"crop_min_scale must be in (0.5, 1] (views keep the image centre), got {crop_min_scale}")
     from lightly.loss import NTXentLoss
     from lightly.models.modules import SimCLRProjectionHead
 
@@ -249,7 +258,7 @@ def train_simclr(images: np.ndarray, params: EmbedParams, seed: int, log=None) -
         total, count = 0.0, 0
         for i in range(0, len(order) - bs + 1, bs):
             batch = torch.from_numpy(images[np.sort(order[i : i + bs])]).float().unsqueeze(1) / 255.0
-            v1, v2 = _views(batch, gen).to(dev), _views(batch, gen).to(dev)
+            v1, v2 = _views(batch, gen, crop_min_scale).to(dev), _views(batch, gen, crop_min_scale).to(dev)
             z1, z2 = head(embedder.features(v1)), head(embedder.features(v2))
             loss = criterion(z1, z2)
             opt.zero_grad(set_to_none=True)
@@ -363,14 +372,24 @@ def fit_embedder(
     cache: dict | None = None,
     mapper: Mapper | None = None,
     chunk: int = 512,
+    *,
+    simclr_runs: int = 1,
+    crop_min_scale: float = 0.6,
 ) -> tuple[EmbeddingModel, np.ndarray, FitReport]:
     """Fit ``params.method`` on ``images`` and return the model, the vectors of ``images`` and timings.
 
     Torch blocks are trained (SimCLR) or loaded; every block's standardisation (and PCA for ``raw``) is fitted on
     ``images``. Deterministic for a seed on the CPU (with a fixed thread count). ``cache`` (a dict the caller
-    keeps, for the same images, params and seed) lets several combinations share fitted blocks (benchmarks).
-    With a ``mapper`` (:mod:`tasks.parallel`) the features (inference) of chunks of ``chunk`` images are computed
-    by the flow's task runner, e.g. on Dask workers; features are per image, so the vectors do not change.
+    keeps, for the same images, params, seed and keyword options) lets several combinations share fitted blocks
+    (benchmarks). With a ``mapper`` (:mod:`tasks.parallel`) the features (inference) of chunks of ``chunk`` images
+    are computed by the flow's task runner, e.g. on Dask workers; features are per image, so the vectors do not
+    change.
+
+    Experimental SimCLR options (measured in bench/RESULTS.md, "Fifth round"; not in params.yaml):
+    ``simclr_runs`` > 1 replaces the ``simclr`` block by that many trainings of ``epochs / simclr_runs`` epochs
+    (same total budget) with seeds ``seed``, ``seed + 1000``, ..., each its own block of weight
+    ``weight / sqrt(simclr_runs)`` (together the share of squared distances of one block of ``weight``);
+    ``crop_min_scale`` is the smallest crop of a SimCLR view (:func:`train_simclr`).
     """
     images = np.asarray(images)
     names = _block_names(params)
@@ -378,27 +397,32 @@ def fit_embedder(
     if unknown or "combo" in names:
         choices = ", ".join(METHODS[:-1])
         raise ValueError(f"embed.blocks: unknown block(s) {unknown or ['combo']}; choose from {choices}")
+    if simclr_runs < 1:
+        raise ValueError(f"simclr_runs must be >= 1, got {simclr_runs}")
     blocks: list[BlockModel] = []
     outputs: list[np.ndarray] = []
     timings: dict[str, float] = {}
     train_seconds, embed_seconds, final_loss, epochs, train_images = 0.0, 0.0, None, 0, 0
-    for kind, weight in names.items():
-        if cache is not None and kind in cache:
-            block0, feats, seconds, trained = cache[kind]
+    for key, kind, weight, block_seed, block_params in _plan(names, params, seed, simclr_runs):
+        if cache is not None and key in cache:
+            block0, feats, seconds, trained = cache[key]
         else:
-            block0, feats, seconds, trained = _fit_block(kind, images, params, seed, log, mapper, chunk)
+            block0, feats, seconds, trained = _fit_block(
+                kind, images, block_params, block_seed, log, mapper, chunk, crop_min_scale
+            )
             if cache is not None:
-                cache[kind] = (block0, feats, seconds, trained)
+                cache[key] = (block0, feats, seconds, trained)
         block = BlockModel(**{**block0.__dict__, "weight": weight})
         if trained is not None:
             train_seconds += trained.seconds
-            final_loss, epochs, train_images = trained.final_loss, trained.epochs, trained.images
+            runs = simclr_runs if kind == "simclr" else 1
+            final_loss, epochs, train_images = trained.final_loss, trained.epochs * runs, trained.images
         outputs.append(block.finish(feats))
         blocks.append(block)
-        timings[kind] = seconds
+        timings[key] = seconds
         embed_seconds += seconds
         if log is not None:
-            log(f"embed: block {kind} ({feats.shape[1]} dims) in {seconds:.1f} s")
+            log(f"embed: block {key} ({feats.shape[1]} dims) in {seconds:.1f} s")
     model = EmbeddingModel(params.method, blocks)
     report = FitReport(
         train_seconds=round(train_seconds, 2),
@@ -410,6 +434,19 @@ def fit_embedder(
         device=str(device()),
     )
     return model, np.concatenate(outputs, 1).astype(np.float32), report
+
+
+def _plan(names: dict[str, float], params: EmbedParams, seed: int, simclr_runs: int):
+    """(cache key, kind, weight, seed, params) of every block to fit; ``simclr`` split into ``simclr_runs``."""
+    out = []
+    for kind, weight in names.items():
+        if kind == "simclr" and simclr_runs > 1:
+            p = params.model_copy(update={"epochs": max(1, round(params.epochs / simclr_runs))})
+            w = weight / math.sqrt(simclr_runs)
+            out.extend((f"simclr-{i + 1}/{simclr_runs}", kind, w, seed + 1000 * i, p) for i in range(simclr_runs))
+        else:
+            out.append((kind, kind, weight, seed, params))
+    return out
 
 
 def _block_features(kind: str, net, images: np.ndarray) -> np.ndarray:
@@ -434,6 +471,7 @@ def _fit_block(
     log=None,
     mapper: Mapper | None = None,
     chunk: int = 512,
+    crop_min_scale: float = 0.6,
 ):
     """One block fitted on ``images``: (block with weight 1, raw features, embedding seconds, train report)."""
     net, report = None, None
@@ -444,7 +482,7 @@ def _fit_block(
             p = params.model_copy(update={"epochs": 0, "weights": None})
         elif kind == "pretrained":
             p = params.model_copy(update={"weights": params.weights or "imagenet"})
-        net, report = train_simclr(images, p, seed, log=log)
+        net, report = train_simclr(images, p, seed, log=log, crop_min_scale=crop_min_scale)
         start = time.perf_counter()
     feats = _features(kind, net, images, mapper, chunk)
     mean = feats.mean(axis=0)
