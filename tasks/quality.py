@@ -32,13 +32,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import multiprocessing
 import os
 import re
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -57,8 +61,17 @@ SUITES_DIR = Path(__file__).resolve().parent / "suites"
 THUMB_SIDE = 128  # the sharpness is measured on the grey image resized so that its longest side is this
 NEAR_THUMB_SIDE = 32  # near duplicates: the perceptual hash and the similarity are computed on this square thumbnail
 DEFAULT_WORKERS = min(2, os.cpu_count() or 1)
-"""Threads measuring images when the caller does not say: on 2 shared cores (load 5) two threads measured 1.3x the
-images/s of one on the 2k synthetic set and 1.6x on DeepPCB's 640 px JPEGs (bench/RESULTS.md, Performance)."""
+"""Workers measuring images when the caller does not say (forked processes on Linux, else threads; see
+:func:`_measure_in_workers`)."""
+FORK_WORKERS = sys.platform.startswith("linux")
+"""Measure in forked processes rather than threads. Measuring a small image is mostly Python (Pillow's PNG chunk
+loop, the stats), which holds the GIL: two threads gained 1.0-1.3x over one on the 2k synthetic set, two forked
+processes 1.9x (bench/RESULTS.md, Performance). A fork starts in ~10 ms with every module already imported. Linux
+only: macOS's system libraries are not fork-safe, and Windows cannot fork."""
+STATS_CHUNK = 64
+"""Images per task sent to a worker process: small enough to balance two workers, large enough that the ~1 KB
+result per image, not the task round trip, is the transfer cost."""
+log = logging.getLogger("autolabel")
 NEAR_HASH_BITS = 10
 """Near-duplicate search radius: only images whose perceptual hashes differ in at most this many of the 64 bits are
 compared (a recall knob, not the decision: copies re-encoded as JPEG q75, noised or resized by 10 % stayed within
@@ -380,6 +393,38 @@ def _measure_many(root: str, max_pixels: int, images: list[str]) -> list[tuple[d
         return [_measure(root, rel, max_pixels) for rel in images]
 
 
+def _measure_in_threads(
+    root: str, images: list[str], max_pixels: int, workers: int
+) -> list[tuple[dict[str, object], np.ndarray | None]]:
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image-stats") as pool:
+        return list(pool.map(lambda rel: _measure(root, rel, max_pixels), images))
+
+
+def _measure_in_workers(
+    root: str, images: list[str], max_pixels: int, workers: int
+) -> list[tuple[dict[str, object], np.ndarray | None]]:
+    """:func:`_measure` of every image on ``workers`` forked processes (threads where forking is not safe), in order.
+
+    The workers only decode and measure (Pillow, numpy, hashlib: no locks another thread of this process could hold
+    at fork time, no OpenMP), and leave with ``os._exit``, so the parent's atexit hooks (e.g. the temporary Prefect
+    server's shutdown) never run in them. A worker that dies (a decoder crash) must not lose the stage: the chunks
+    it did not return are measured again here, in threads, after a warning.
+    """
+    if not FORK_WORKERS or len(images) <= STATS_CHUNK:
+        return _measure_in_threads(root, images, max_pixels, workers)
+    chunks = [images[a:b] for a, b in spans(len(images), STATS_CHUNK)]
+    done: list[list[tuple[dict[str, object], np.ndarray | None]]] = []
+    try:
+        with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            for part in pool.map(partial(_measure_many, root, max_pixels), chunks):
+                done.append(part)
+    except (BrokenProcessPool, OSError) as exc:
+        rest = [rel for chunk in chunks[len(done) :] for rel in chunk]
+        log.warning("a stats worker process failed (%s); measuring its %d images in threads", exc, len(rest))
+        done.append(_measure_in_threads(root, rest, max_pixels, workers))
+    return [m for part in done for m in part]
+
+
 def compute_stats(
     root: Path,
     images: list[str],
@@ -391,10 +436,10 @@ def compute_stats(
     """Stats for ``images`` (paths relative to ``root``), one row each in the given order, plus ``duplicate_of``,
     ``similar_to`` and ``similarity`` (near-duplicate candidates, see the module docstring).
 
-    With ``workers > 1`` (default :data:`DEFAULT_WORKERS`) images are measured in a thread pool (Pillow's decoders
-    and resize, and hashlib, release the GIL); each worker holds one decoded image at a time, so memory stays flat
-    whatever the number of images but for the 1 KB thumbnail kept per image for the near-duplicate search. With a
-    ``mapper``
+    With ``workers > 1`` (default :data:`DEFAULT_WORKERS`) images are measured in forked worker processes, chunks of
+    :data:`STATS_CHUNK` images each (threads on other systems, see :data:`FORK_WORKERS`); each worker holds one
+    decoded image at a time, so memory stays flat whatever the number of images but for the 1 KB thumbnail kept per
+    image for the near-duplicate search. With a ``mapper``
     (:mod:`tasks.parallel`) chunks of ``chunk`` images are measured by the flow's task runner (e.g. Dask) instead.
     """
     root = str(root)
@@ -407,8 +452,7 @@ def compute_stats(
             chunks = [images[a:b] for a, b in spans(len(images), chunk)]
             measured = [m for part in mapper(partial(_measure_many, root, max_pixels), chunks) for m in part]
         elif workers > 1 and len(images) > 1:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="image-stats") as pool:
-                measured = list(pool.map(lambda rel: _measure(root, rel, max_pixels), images))
+            measured = _measure_in_workers(root, images, max_pixels, workers)
         else:
             measured = [_measure(root, rel, max_pixels) for rel in images]
     rows = [row for row, _ in measured]

@@ -5,19 +5,25 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
+import signal
 import struct
+import threading
+import time
 import tracemalloc
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import psutil
 import pytest
 from PIL import Image, features
 from scipy import ndimage
 
+from tasks import quality
 from tasks.config import ValidateParams
 from tasks.datasets import ImageDecodeError, decode, discover
 from tasks.quality import (
@@ -368,6 +374,43 @@ def test_workers_give_the_same_table(folder, stats):
     root, _, images = folder
     for workers in (1, 3):  # the fixture used the default (DEFAULT_WORKERS threads)
         pd.testing.assert_frame_equal(compute_stats(root, images, PARAMS.max_pixels, workers=workers), stats)
+
+
+@pytest.mark.skipif(not quality.FORK_WORKERS, reason="worker processes are forked on Linux only")
+def test_worker_processes_give_the_same_table(folder, stats, monkeypatch):
+    """Chunks of 3 images on 2 forked processes: the unreadable, bomb, duplicate and 16-bit rows come back the same."""
+    root, _, images = folder
+    monkeypatch.setattr(quality, "STATS_CHUNK", 3)
+    pd.testing.assert_frame_equal(compute_stats(root, images, PARAMS.max_pixels, workers=2), stats)
+
+
+@pytest.mark.skipif(not quality.FORK_WORKERS, reason="worker processes are forked on Linux only")
+def test_a_killed_worker_process_loses_no_image(tmp_path, caplog):
+    """A worker killed mid-stage (a decoder crash, the OOM killer): its images are measured again, none is lost."""
+    rng = np.random.default_rng(3)
+    images = [f"img-{i:04d}.png" for i in range(1500)]
+    for rel in images:
+        Image.fromarray(_noise(rng, (48, 48))).save(tmp_path / rel)
+    killed: list[int] = []
+
+    def kill_first_worker() -> None:
+        deadline = time.monotonic() + 30
+        while not killed and time.monotonic() < deadline:
+            for child in psutil.Process().children():
+                if child.pid not in killed and "python" in child.name().lower():
+                    os.kill(child.pid, signal.SIGKILL)
+                    killed.append(child.pid)
+                    return
+            time.sleep(0.001)
+
+    watcher = threading.Thread(target=kill_first_worker)
+    watcher.start()
+    with caplog.at_level("WARNING", logger="autolabel"):
+        table = compute_stats(tmp_path, images, PARAMS.max_pixels, workers=2)
+    watcher.join()
+    assert killed, "no worker process was seen"
+    assert "a stats worker process failed" in caplog.text
+    pd.testing.assert_frame_equal(table, compute_stats(tmp_path, images, PARAMS.max_pixels, workers=1))
 
 
 def test_bomb_warning_is_an_error_in_every_thread(tmp_path):
