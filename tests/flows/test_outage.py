@@ -136,7 +136,8 @@ def test_dvc_remote_endpoint_down(synth_data, isolated, tmp_path):
 
 def test_dvc_remote_that_hangs_stops_the_push_within_its_timeout(synth_data, isolated, tmp_path):
     """The endpoint accepts connections and never answers: the reachability check passes, `dvc push` would wait
-    for botocore's minutes of read timeouts and retries; ``version.push_timeout`` stops it with a clear error."""
+    for botocore's minutes of read timeouts and retries; ``version.push_timeout`` stops it with a clear error.
+    The push runs beside the compute stages, so the run fails before its models are registered or published."""
     listener = socket.create_server(("127.0.0.1", 0))  # accepts (backlog) and never reads nor answers
     port = listener.getsockname()[1]
     isolated.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
@@ -151,9 +152,14 @@ def test_dvc_remote_that_hangs_stops_the_push_within_its_timeout(synth_data, iso
     assert result.exit_code == 1, result.output
     assert re.search(r"dvc push -q .*did not finish in 4 s", result.output), result.output
     assert SENTINEL not in result.output
-    assert seconds < 180, seconds  # the version task's 3 attempts of 4 s, plus start-up
+    assert seconds < 180, seconds  # the background push and one retry in the foreground, 4 s each, plus the stages
     ws = tmp_path / "ws"
-    assert not (ws / "labelsets").exists() and not (ws / "results").exists(), sorted(p.name for p in ws.iterdir())
+    assert not (ws / "labelsets").exists(), sorted(p.name for p in ws.iterdir())  # nothing published
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{ws / 'mlflow.db'}"
+    assert (ws / "results" / "embed").is_dir()  # the stages ran beside the push...
+    assert not MlflowClient(tracking_uri=uri, registry_uri=uri).search_registered_models()  # ...no model registered
 
 
 def test_dvc_remote_folder_unusable(synth_data, isolated, tmp_path):
