@@ -140,8 +140,9 @@ def prefect_template() -> Path | None:
         prefect_version = version("prefect")
     except PackageNotFoundError:
         return None
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aoi-autolabel"
-    return cache / f"prefect-{prefect_version}.db"
+    from tasks.dbtemplates import cache_dir
+
+    return cache_dir() / f"prefect-{prefect_version}.db"
 
 
 def flow_phases(log_path: Path, start_clock: float, seconds: float) -> dict[str, float]:

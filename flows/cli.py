@@ -6,7 +6,6 @@ import atexit
 import json
 import logging
 import os
-import shutil
 import sys
 import threading
 from pathlib import Path
@@ -52,30 +51,12 @@ def _prefect_template(version: str) -> Path | None:
     """An empty Prefect database with every migration applied and the block types registered, made once per
     machine and Prefect version (what the temporary server would otherwise do in each new workspace: 60 % of its
     start-up, 12-20 s on 2 loaded cores). None when it cannot be made (the server then migrates as before)."""
-    import subprocess
-    import tempfile
+    from tasks import dbtemplates
 
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aoi-autolabel"
-    template = cache / f"prefect-{version}.db"
-    if template.is_file():
-        return template
-    try:
-        cache.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            db = Path(tmp) / "prefect.db"
-            env = {
-                **os.environ,
-                "PREFECT_HOME": tmp,
-                "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{db}",
-            }
-            env.pop("PREFECT_API_URL", None)
-            subprocess.run([sys.executable, "-c", _PREFECT_TEMPLATE_CODE], env=env, check=True, capture_output=True)
-            if not db.is_file() or any(Path(tmp).glob("prefect.db-*")):  # not closed cleanly: do not copy it
-                return None
-            os.replace(db, template)  # atomic: a concurrent run sees the whole file or none
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return template
+    def env(tmp: Path) -> dict[str, str]:
+        return {"PREFECT_HOME": str(tmp), "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{tmp}/prefect.db"}
+
+    return dbtemplates.template("prefect", version, _PREFECT_TEMPLATE_CODE, env)
 
 
 def _start_prefect_server() -> None:
@@ -92,9 +73,9 @@ def _start_prefect_server() -> None:
         url = settings.server.database.connection_url
         default_db = url is None or url.get_secret_value() in ("", f"sqlite+aiosqlite:///{db}")
         if default_db and not db.exists() and (template := _prefect_template(prefect.__version__)) is not None:
-            partial_copy = db.with_name(".prefect.db.copy")
-            shutil.copyfile(template, partial_copy)
-            os.replace(partial_copy, db)
+            from tasks.dbtemplates import copy_into
+
+            copy_into(template, db)
         from prefect.server.api.server import SubprocessASGIServer
 
         SubprocessASGIServer().start()

@@ -119,6 +119,10 @@ def mlflow_for(ws: Workspace):
 
     user = os.environ.get("MLFLOW_TRACKING_URI")
     uri = _connect_uri(ws)
+    if user is None:
+        from tasks.dbtemplates import mlflow_store
+
+        mlflow_store(ws.mlflow_db)  # a new workspace's store starts migrated (6 s of MLflow's migrations otherwise)
     if redact_url(uri) != uri:  # MLflow prints "View run at <tracking URI>/#/..." with the credentials in it
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     mlflow.set_tracking_uri(uri)
