@@ -7,10 +7,8 @@ every step logs to one MLflow run, and the flow ends by recording the stages in 
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,30 +31,6 @@ log = logging.getLogger("autolabel")
 
 class WorkspaceBusyError(RuntimeError):
     """Another run holds the workspace."""
-
-
-WARM_IMPORTS = ("great_expectations", "mlflow", "torch", "torchvision")
-"""Libraries the tasks after ``version`` import on first use (measured: GX 1.8 s, torch 2.3 s, MLflow 0.6 s)."""
-
-
-def warm_imports() -> threading.Thread:
-    """Import :data:`WARM_IMPORTS` in a background thread while the version step waits on git and DVC subprocesses.
-
-    The caller joins it before the next step: validate forks worker processes, and a fork in the middle of an
-    import would leave that module's import lock held in the children. A failed import is left for the task that
-    needs the module, which raises it with its own traceback.
-    """
-
-    def load() -> None:
-        for name in WARM_IMPORTS:
-            try:
-                importlib.import_module(name)
-            except Exception:  # noqa: BLE001
-                log.debug("warm import of %s failed", name, exc_info=True)
-
-    thread = threading.Thread(target=load, name="warm-imports", daemon=True)
-    thread.start()
-    return thread
 
 
 def _task(fn, name: str, retries: int = 0):
@@ -157,13 +131,9 @@ def retrain(
 def _retrain(ws: Workspace, images: Path | None, labels: Path | None, params: Params) -> str:
     write_params(params, ws.params)
     version = params.version
-    warming = warm_imports()
-    try:
-        data = version_task(
-            ws, images, labels, version.remote, version.push, version.push_timeout, background_push=True
-        ).as_dict()
-    finally:
-        warming.join()
+    data = version_task(
+        ws, images, labels, version.remote, version.push, version.push_timeout, background_push=True
+    ).as_dict()
     try:
         code = versioning.code_version()
         run_id = tracking.start_run(
