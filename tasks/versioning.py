@@ -117,62 +117,84 @@ def git(args: list[str], cwd: Path) -> str:
 
 
 @dataclass
-class PendingPush:
-    """A ``dvc push`` running beside the compute stages (the data is already committed to the DVC cache).
+class BackgroundDvc:
+    """A DVC command running beside other work, for steps whose result nothing reads until later.
 
-    At 10k images the push is 3.4 s of copying that nothing downstream reads; started in the background it overlaps
-    validate and standardize. :func:`wait_for_push` must return before anything claims the data is in the remote.
+    The data's ``dvc push`` (3.4 s at 10k images) overlaps validate and standardize; the compute stages'
+    ``dvc commit`` (2 s) overlaps publish. :meth:`wait` before anything depends on the command's effect.
     """
 
     args: list[str]
     cwd: Path
     timeout: float | None
     proc: subprocess.Popen[bytes]
-    output: Any  # the child's stdout and stderr (a temporary file: a full pipe would stall the push)
+    output: Any  # the child's stdout and stderr (a temporary file: a full pipe would stall the command)
     started: float
 
+    @classmethod
+    def start(cls, args: list[str], cwd: Path, timeout: float | None = None) -> BackgroundDvc:
+        import tempfile
 
-_pending: dict[Path, PendingPush] = {}
+        output = tempfile.TemporaryFile()
+        cmd = [sys.executable, "-m", "dvc", *args]
+        proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=output, stderr=subprocess.STDOUT)
+        return cls(args, Path(cwd), timeout, proc, output, time.monotonic())
+
+    def wait(self) -> float:
+        """Wait for the command (at most its timeout from its start); returns the seconds waited.
+
+        A command that failed (or timed out) is run once more in the foreground, as a task retry would have done;
+        that one's error (the command and its output) is what the caller sees.
+
+        Raises:
+            VersioningError: if the command fails twice, or does not finish within its timeout.
+        """
+        t = time.monotonic()
+        left = None if self.timeout is None else max(0.0, self.started + self.timeout - t)
+        try:
+            code = self.proc.wait(timeout=left)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            code = None
+        finally:
+            self.output.close()
+        if code != 0:
+            dvc(self.args, self.cwd, timeout=self.timeout)
+        return time.monotonic() - t
+
+
+    def settle(self) -> int | None:
+        """Let the command end (within its timeout) without retrying or raising: a failed run's cleanup, which
+        must never leave a DVC process writing behind it. Returns its exit code (None when it was stopped)."""
+        try:
+            return self.proc.wait(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None
+        finally:
+            self.output.close()
+
+
+_pushes: dict[Path, BackgroundDvc] = {}
 
 
 def start_push(cwd: Path, targets: list[str], timeout: float | None) -> None:
     """Start ``dvc push -q targets`` in the background; one per workspace, finished by :func:`wait_for_push`."""
-    import tempfile
-
     wait_for_push(cwd)
-    args = ["push", "-q", *targets]
-    output = tempfile.TemporaryFile()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dvc", *args], cwd=cwd, env=_env(), stdout=output, stderr=subprocess.STDOUT
-    )
-    _pending[Path(cwd).resolve()] = PendingPush(args, Path(cwd), timeout, proc, output, time.monotonic())
+    _pushes[Path(cwd).resolve()] = BackgroundDvc.start(["push", "-q", *targets], cwd, timeout)
+
+
+def take_push(cwd: Path) -> BackgroundDvc | None:
+    """The workspace's background push, handed over to the caller (None when none is running)."""
+    return _pushes.pop(Path(cwd).resolve(), None)
 
 
 def wait_for_push(cwd: Path) -> float | None:
-    """Wait for the workspace's background push; returns the seconds waited (None when none was running).
-
-    A push that failed (or timed out) is run once more in the foreground, as the version task's retry would have
-    done; that one's error (the command and its output) is what the caller sees.
-
-    Raises:
-        VersioningError: if the push fails twice, or does not finish within the push timeout.
-    """
-    pending = _pending.pop(Path(cwd).resolve(), None)
-    if pending is None:
-        return None
-    t = time.monotonic()
-    left = None if pending.timeout is None else max(0.0, pending.started + pending.timeout - t)
-    try:
-        code = pending.proc.wait(timeout=left)
-    except subprocess.TimeoutExpired:
-        pending.proc.kill()
-        pending.proc.wait()
-        code = None
-    finally:
-        pending.output.close()
-    if code != 0:
-        dvc(pending.args, pending.cwd, timeout=pending.timeout)
-    return time.monotonic() - t
+    """Wait for the workspace's background push (:meth:`BackgroundDvc.wait`); None when none was running."""
+    pending = take_push(cwd)
+    return None if pending is None else pending.wait()
 
 
 def code_version(root: Path = PROJECT_ROOT) -> dict[str, Any]:
