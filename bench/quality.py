@@ -93,6 +93,8 @@ METHODS = {
         {"simclr_runs": 2},
     ),
     "default, SimCLR views keep the central half (crops ≥ 75 %, was 60 %) → SCAN": ({}, {}, {"crop_min_scale": 0.75}),
+    # issue 4, sixth round: consensus of the SCAN candidates of 2 clustering seeds (medoid by mean ARI)
+    "default embedding → SCAN consensus of 2 runs (medoid of 8 candidates by mean ARI)": ({}, {"consensus": 2}),
     "default embedding → k-means": ({}, {"method": "kmeans"}),
     "default embedding → HDBSCAN": ({}, {"method": "hdbscan"}),
     "default embedding → agglomerative": ({}, {"method": "agglomerative"}),

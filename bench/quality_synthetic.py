@@ -7,6 +7,9 @@ Prints one line per seed and the median; ``--out`` writes them as JSON. No label
 
     python bench/quality_synthetic.py --seeds 0 1 2
     python bench/quality_synthetic.py --seeds 0 1 2 --set 'embed.blocks={morph: 1, simclr: 1}'
+    python bench/quality_synthetic.py --seeds 0 1 2 --compare cluster.consensus=2   # + a second clustering
+
+``--compare cluster.key=value`` also clusters the same vectors with that override (one line per seed and variant).
 """
 
 from __future__ import annotations
@@ -58,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
                     "of epochs/N epochs each, concatenated)")
     ap.add_argument("--crop-min-scale", type=float, default=0.6, help="fit_embedder's crop_min_scale (smallest "
                     "crop of a SimCLR view)")
+    ap.add_argument("--compare", action="append", default=[], help="cluster.key=value (YAML value): also cluster "
+                    "the same vectors with this override (repeatable, one variant each)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args(argv)
@@ -72,6 +77,13 @@ def main(argv: list[str] | None = None) -> None:
         over[section][name] = yaml.safe_load(value)
     eparams = EmbedParams(**{**params.embed.model_dump(), **over["embed"]})
     cparams = ClusterParams(**{**params.cluster.model_dump(), **over["cluster"]})
+    variants = {"": cparams}
+    for item in args.compare:
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        if section != "cluster":
+            raise SystemExit(f"--compare takes cluster.key=value, got {item!r}")
+        variants[item] = ClusterParams(**{**cparams.model_dump(), name: yaml.safe_load(value)})
     images, y = images_and_labels(2000, 0, params.standardize)
     print(f"# synthetic: {len(images)} readable images, {len(set(y))} classes, k = {cparams.k}", flush=True)
     records = []
@@ -80,20 +92,32 @@ def main(argv: list[str] | None = None) -> None:
         options = {"simclr_runs": args.simclr_runs, "crop_min_scale": args.crop_min_scale}
         _, vectors, rep = fit_embedder(images, eparams, seed, **options)
         embed_s = time.perf_counter() - start
-        result = cluster(vectors, cparams, seed)
-        m = evaluate(y, result.labels)
-        rec = {"seed": seed, **{k: round(float(m[k]), 4) for k in KEYS},
-               "train_seconds": rep.train_seconds, "embed_total_seconds": round(embed_s, 1)}
-        records.append(rec)
-        print(json.dumps(rec), flush=True)
-    med = {k: float(np.median([r[k] for r in records])) for k in (*KEYS, "train_seconds", "embed_total_seconds")}
-    print("median", json.dumps(med))
+        for variant, vparams in variants.items():
+            start = time.perf_counter()
+            result = cluster(vectors, vparams, seed)
+            cluster_s = time.perf_counter() - start
+            m = evaluate(y, result.labels)
+            rec = {"seed": seed, **({"variant": variant} if variant else {}),
+                   **{k: round(float(m[k]), 4) for k in KEYS},
+                   "train_seconds": rep.train_seconds, "embed_total_seconds": round(embed_s, 1),
+                   "cluster_seconds": round(cluster_s, 2)}
+            records.append(rec)
+            print(json.dumps(rec), flush=True)
+    med = {}
+    for variant in variants:
+        group = [r for r in records if r.get("variant", "") == variant]
+        keys = (*KEYS, "train_seconds", "embed_total_seconds", "cluster_seconds")
+        med[variant or "base"] = {k: float(np.median([r[k] for r in group])) for k in keys}
+        print("median", variant or "base", json.dumps(med[variant or "base"]))
+    if len(variants) == 1:
+        med = med["base"]
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         blob = {
             "embed": eparams.model_dump(),
             "options": {"simclr_runs": args.simclr_runs, "crop_min_scale": args.crop_min_scale},
             "cluster": cparams.model_dump(),
+            "compare": args.compare,
             "records": records,
             "median": med,
         }

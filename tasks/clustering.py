@@ -12,7 +12,10 @@ Methods (``cluster.method``):
   spectral clustering of the neighbour graph) and per ``entropy_weight``, and of these candidates the partition with
   the highest modularity on the neighbour graph is kept: label-free, and not biased to equal sizes, so a rare type
   that forms a tight group can keep its own cluster (a low entropy weight from a spectral start allows that; a high
-  one from k-means suits balanced data).
+  one from k-means suits balanced data). ``consensus: N`` (N >= 2) repeats that candidate search with N seeds on
+  one shared neighbour graph and keeps, of all N x candidates partitions, the medoid: the one with the highest mean
+  adjusted Rand index to the others (label-free; damps partitions that one seed's starts produce and the others
+  do not). The model is the medoid's head, so assignment is unchanged.
 - ``hdbscan``: density-based (scikit-learn HDBSCAN) on a PCA projection; finds the number of clusters itself;
   noise points are attached to the nearest cluster with confidence 0 (they go to review).
 - ``agglomerative``: Ward linkage on a PCA projection (fitted on at most ``max_fit`` images).
@@ -333,29 +336,102 @@ def _spectral_start(x: np.ndarray, graph, k: int, params: ClusterParams, seed: i
     return labels
 
 
-def _scan_candidates(
-    x: np.ndarray, k: int, params: ClusterParams, seed: int, kmeans_labels: np.ndarray
-) -> tuple[list, dict]:
-    """SCAN heads from every init (``cluster.init``) and entropy weight; the partition with the highest
-    modularity on the neighbour graph wins (label-free model selection across candidates)."""
-    nn = knn_indices(x, params.neighbours)
-    graph = knn_graph(nn)
+def _scan_candidate_list(
+    x: np.ndarray, k: int, params: ClusterParams, seed: int, kmeans_labels: np.ndarray, nn: np.ndarray, graph
+) -> list[dict]:
+    """One SCAN head per init (``cluster.init``) and entropy weight, each with its partition and graph modularity."""
     inits: dict[str, np.ndarray] = {}
     for name in params.init:
         labels = kmeans_labels if name == "kmeans" else _spectral_start(x, graph, k, params, seed)
         if labels is not None:
             inits[name] = labels
-    best: tuple[float, list, dict] | None = None
-    candidates = []
+    out = []
     for name, init in inits.items():
         for ew in _entropy_weights(params):
             head, info = _scan(x, k, params, seed, init, nn=nn, entropy_weight=ew)
-            q = modularity(graph, _head_probs(head, x).argmax(axis=1))
-            candidates.append({"init": name, "entropy_weight": ew, "modularity": round(q, 5)})
-            if best is None or q > best[0]:
-                best = (q, head, {**info, "init": name, "entropy_weight": ew})
-    assert best is not None  # kmeans labels always exist; the config forbids an empty init list
-    return best[1], {**best[2], "candidates": candidates}
+            labels = _head_probs(head, x).argmax(axis=1)
+            q = modularity(graph, labels)
+            out.append(
+                {
+                    "head": head,
+                    "labels": labels,
+                    "modularity": q,
+                    "seed": seed,
+                    "info": {**info, "init": name, "entropy_weight": ew},
+                }
+            )
+    assert out  # kmeans labels always exist; the config forbids an empty init list
+    return out
+
+
+def _candidate_row(c: dict) -> dict:
+    return {
+        "init": c["info"]["init"],
+        "entropy_weight": c["info"]["entropy_weight"],
+        "modularity": round(c["modularity"], 5),
+    }
+
+
+def _scan_candidates(
+    x: np.ndarray, k: int, params: ClusterParams, seed: int, kmeans_labels: np.ndarray
+) -> tuple[list, dict]:
+    """SCAN heads from every init (``cluster.init``) and entropy weight; the partition with the highest
+    modularity on the neighbour graph wins (label-free model selection across candidates). With
+    ``cluster.consensus`` N >= 2, see :func:`_scan_consensus`."""
+    nn = knn_indices(x, params.neighbours)
+    graph = knn_graph(nn)
+    if params.consensus >= 2:
+        return _scan_consensus(x, k, params, seed, kmeans_labels, nn, graph)
+    cands = _scan_candidate_list(x, k, params, seed, kmeans_labels, nn, graph)
+    best = max(cands, key=lambda c: c["modularity"])  # first of equals, as before
+    return best["head"], {**best["info"], "candidates": [_candidate_row(c) for c in cands]}
+
+
+def adjusted_rand(a: np.ndarray, b: np.ndarray) -> float:
+    """Adjusted Rand index of two partitions (labels >= 0) from their contingency table: O(n + k_a k_b)."""
+    a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
+    kb = int(b.max()) + 1
+    table = np.bincount(a * kb + b, minlength=(int(a.max()) + 1) * kb).reshape(-1, kb).astype(np.float64)
+
+    def pairs(v: np.ndarray) -> float:
+        return float((v * (v - 1) / 2).sum())
+
+    both, rows, cols = pairs(table), pairs(table.sum(1)), pairs(table.sum(0))
+    total = len(a) * (len(a) - 1) / 2
+    expected = rows * cols / total if total else 0.0
+    top = (rows + cols) / 2
+    return 1.0 if top == expected else (both - expected) / (top - expected)
+
+
+def _scan_consensus(
+    x: np.ndarray, k: int, params: ClusterParams, seed: int, kmeans_labels: np.ndarray, nn: np.ndarray, graph
+) -> tuple[list, dict]:
+    """``cluster.consensus`` runs of the candidate search (seeds ``seed + r``; run 0 reuses the k-means start of
+    :func:`cluster`), pooled; the medoid partition (highest mean ARI to the other candidates) is kept, ties going
+    to the higher modularity. Memory: the candidates' label vectors only (no n x n co-association)."""
+    pool: list[dict] = []
+    for r in range(params.consensus):
+        start = kmeans_labels if r == 0 else _kmeans(x, k, params.n_init, seed + r)
+        pool.extend(_scan_candidate_list(x, k, params, seed + r, start, nn, graph))
+    m = len(pool)
+    agree = np.eye(m)
+    for i in range(m):
+        for j in range(i + 1, m):
+            agree[i, j] = agree[j, i] = adjusted_rand(pool[i]["labels"], pool[j]["labels"])
+    mean_ari = (agree.sum(1) - 1.0) / max(m - 1, 1)
+    best = max(range(m), key=lambda i: (round(float(mean_ari[i]), 9), pool[i]["modularity"]))
+    rows = [
+        {**_candidate_row(c), "seed": c["seed"], "mean_ari": round(float(a), 5)}
+        for c, a in zip(pool, mean_ari, strict=True)
+    ]
+    chosen = pool[best]
+    return chosen["head"], {
+        **chosen["info"],
+        "seed": chosen["seed"],
+        "consensus": params.consensus,
+        "medoid": best,
+        "candidates": rows,
+    }
 
 
 def _self_label(layers, xt, k: int, params: ClusterParams, gen) -> list[tuple[np.ndarray, np.ndarray]]:

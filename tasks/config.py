@@ -151,6 +151,14 @@ class ClusterParams(_Section):
         description="scan: partitions the heads start from (kmeans; spectral = the nearest-neighbour graph); one "
         "candidate per init and entropy weight, the one with the highest graph modularity is kept (label-free).",
     )
+    consensus: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="scan: 0 = off; N >= 2 runs the candidate search N times (seeds seed..seed+N-1, one shared "
+        "neighbour graph) and keeps the candidate partition that agrees best (mean ARI) with all the others; "
+        "about N times the clustering time. Ignored by the other methods.",
+    )
     self_label: bool = Field(False, description="scan: fine-tune on the head's own confident predictions.")
     self_label_threshold: float = Field(0.99, gt=0.0, lt=1.0)
     pca_dims: int = Field(32, ge=2, description="hdbscan/agglomerative: PCA dimensions they run on.")
@@ -167,6 +175,10 @@ class ClusterParams(_Section):
             raise ValueError("cluster.k must be 0 (automatic) or at least 2")
         if self.k_min > self.k_max:
             raise ValueError("cluster.k_min must not exceed cluster.k_max")
+        if self.consensus == 1:
+            raise ValueError(
+                "cluster.consensus must be 0 (off) or at least 2 (runs whose partitions vote); 1 run is no consensus"
+            )
         weights = self.entropy_weight if isinstance(self.entropy_weight, list) else [self.entropy_weight]
         if not weights or any(w < 0 for w in weights):
             raise ValueError("cluster.entropy_weight must be a number >= 0 or a non-empty list of them")

@@ -143,3 +143,38 @@ def test_spectral_start_on_a_sample_above_spectral_n(monkeypatch):
     result = cluster(x, params, seed=0)
     assert sizes == [120] and result.model.info["init"] == "spectral"
     assert adjusted_rand_score(y, result.labels) > 0.9
+
+
+def test_adjusted_rand_matches_scikit_learn():
+    from tasks.clustering import adjusted_rand
+
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 5, 300), rng.integers(0, 7, 300)
+    b[:200] = a[:200]
+    assert adjusted_rand(a, b) == pytest.approx(adjusted_rand_score(a, b), abs=1e-12)
+    assert adjusted_rand(a, a) == pytest.approx(1.0)
+
+
+def test_scan_consensus_keeps_the_medoid_of_all_runs_candidates():
+    x, y = _blobs()
+    params = ClusterParams(method="scan", k=3, consensus=2, **FAST_SCAN)
+    result = cluster(x, params, seed=0)
+    info = result.model.info
+    # 2 runs x 2 inits x 2 entropy weights, pooled; the kept one agrees best with the others
+    assert info["consensus"] == 2
+    assert len(info["candidates"]) == 8
+    assert {c["seed"] for c in info["candidates"]} == {0, 1}
+    mean_ari = [c["mean_ari"] for c in info["candidates"]]
+    assert mean_ari[info["medoid"]] == max(mean_ari)
+    assert adjusted_rand_score(y, result.labels) > 0.9
+    # the model is the medoid's head: assigning the same vectors reproduces the labels
+    assert (assign(result.model, x).labels == result.labels).all()
+    # off (the default): the modularity winner of one run, no consensus record
+    assert "consensus" not in cluster(x, ClusterParams(method="scan", k=3, **FAST_SCAN), seed=0).model.info
+
+
+def test_consensus_of_one_run_is_refused_at_load():
+    with pytest.raises(ValueError, match="consensus must be 0 .off. or at least 2"):
+        ClusterParams(method="scan", consensus=1)
+    with pytest.raises(ValueError):
+        ClusterParams(method="scan", consensus=-1)
