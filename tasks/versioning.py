@@ -335,6 +335,10 @@ def init_workspace(ws: Workspace, remote: str | None) -> str:
     if not (ws.root / ".dvc").exists():
         dvc(["init", "-q"], ws.root)
         dvc(["config", "core.analytics", "false"], ws.root)
+    if "reflink,copy" not in (ws.root / ".dvc" / "config").read_text():
+        # the cache never shares inodes with the mirror (which may be hard links to the user's files; see
+        # mirror_images), whatever a user- or system-wide DVC config says
+        dvc(["config", "cache.type", "reflink,copy"], ws.root)
     gitignore = ws.root / ".gitignore"
     if not gitignore.exists() or _WS_GITIGNORE not in gitignore.read_text():
         gitignore.write_text(_WS_GITIGNORE + (gitignore.read_text() if gitignore.exists() else ""))
@@ -351,9 +355,13 @@ def init_workspace(ws: Workspace, remote: str | None) -> str:
 
 
 def mirror_images(src: Path, dest: Path) -> Discovery:
-    """Make ``dest`` hold exactly the readable image files of ``src`` (copying only what changed).
+    """Make ``dest`` hold exactly the readable image files of ``src`` (only what changed is touched).
 
-    Symlinks are copied as the file they point to, unless they leave ``src`` (then they are rejected).
+    Files are hard-linked when ``src`` and ``dest`` share a file system (10k images: ~0.3 s instead of ~2.7 s of
+    copying), else copied. This is safe because nothing ever writes into a mirrored file: a changed image is
+    unlinked and linked (or copied) again, and DVC adds with ``--no-relink`` and a copying cache, so the recorded
+    versions live in DVC's cache as copies of their own (editing a source image never changes a version). Symlinks
+    are mirrored as the file they point to, unless they leave ``src`` (then they are rejected).
     """
     found = discover(src)
     dest.mkdir(parents=True, exist_ok=True)
@@ -364,15 +372,23 @@ def mirror_images(src: Path, dest: Path) -> Discovery:
             path.unlink()
         elif path.is_dir() and not any(path.iterdir()):
             path.rmdir()
+    link = True
     for rel in found.images:
         s, d = src / rel, dest / rel
         st = s.stat()
         if d.exists():
             dt = d.stat()
-            if dt.st_size == st.st_size and int(dt.st_mtime) == int(st.st_mtime):
+            same_file = (dt.st_ino, dt.st_dev) == (st.st_ino, st.st_dev)
+            if same_file or (dt.st_size == st.st_size and int(dt.st_mtime) == int(st.st_mtime)):
                 continue
-            d.chmod(0o644)
+            d.unlink()  # never write into it: it may be a hard link to an earlier source file
         d.parent.mkdir(parents=True, exist_ok=True)
+        if link:
+            try:
+                os.link(s, d)  # follows a symlink: the link is to the file it points to
+                continue
+            except OSError:  # another file system, or links not allowed: copy from now on
+                link = False
         shutil.copy2(s, d)
     return found
 
@@ -438,7 +454,7 @@ def version_data(
         shutil.copyfile(labels, ws.labels)
     elif images is not None or not ws.labels.is_file():  # an empty ground truth keeps evaluate's dependency stable
         ws.labels.write_text("path,label\n")
-    dvc(["add", "-q", *targets], ws.root)
+    dvc(["add", "-q", "--no-relink", *targets], ws.root)  # see mirror_images: the mirror may be hard links
     if push and background_push:
         start_push(ws.root, targets, push_timeout)
     elif push:
@@ -530,7 +546,7 @@ def version_batch(
     url = init_workspace(ws, remote)
     folder = f"data/batches/{batch_id}"
     mirror_images(src, ws.root / folder)
-    dvc(["add", "-q", folder], ws.root)
+    dvc(["add", "-q", "--no-relink", folder], ws.root)  # see mirror_images
     if push:
         dvc(["push", "-q", folder], ws.root, timeout=push_timeout)
     git(["add", "-A", "--", f"{folder}.dvc", "data/batches/.gitignore", ".dvc"], ws.root)

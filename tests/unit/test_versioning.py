@@ -1,0 +1,70 @@
+"""The version step on real git and DVC: the mirror's hard links never let a source edit change a recorded version."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from tasks import versioning
+from tasks.workspace import Workspace
+
+
+def _png(path, seed: int, side: int = 24) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (side, side), dtype=np.uint8)).save(path)
+
+
+def _cached(ws: Workspace, data: bytes):
+    md5 = hashlib.md5(data).hexdigest()
+    return ws.root / ".dvc" / "cache" / "files" / "md5" / md5[:2] / md5[2:]
+
+
+def test_mirror_links_and_versions_stay_copies(tmp_path):
+    src, ws = tmp_path / "src", Workspace.at(tmp_path / "ws")
+    for i, rel in enumerate(["a.png", "b.png", "sub/c.png"]):
+        _png(src / rel, i)
+    modes = {p: p.stat().st_mode for p in src.rglob("*.png")}
+    first = versioning.version_data(ws, src, None, None, push=True)
+    assert first.nfiles == 3
+    for rel in ["a.png", "b.png", "sub/c.png"]:
+        mirrored, cached = ws.images / rel, _cached(ws, (src / rel).read_bytes())
+        assert mirrored.samefile(src / rel)  # a hard link: no bytes copied
+        assert cached.is_file() and not cached.samefile(src / rel)  # the version is a copy of its own
+    assert {p: p.stat().st_mode for p in src.rglob("*.png")} == modes  # the user's files are untouched
+    old_a = (src / "a.png").read_bytes()
+
+    with open(src / "a.png", "r+b") as fh:  # edited in place (same inode)
+        fh.seek(len(old_a) - 8)
+        fh.write(b"\x00" * 8)
+    (src / "b.png").unlink()
+    _png(src / "b.png", 7, side=30)  # replaced by another file
+    second = versioning.version_data(ws, src, None, None, push=True)
+    assert second.md5 != first.md5
+    assert _cached(ws, old_a).read_bytes() == old_a  # the first version still holds the old bytes
+    assert (ws.images / "b.png").samefile(src / "b.png")
+    cmd = [sys.executable, "-m", "dvc", "status", "-q", "data/images.dvc"]
+    status = subprocess.run(cmd, cwd=ws.root, capture_output=True, text=True, timeout=120)
+    assert status.returncode == 0, status.stdout + status.stderr  # the data matches its .dvc file
+
+
+def test_mirror_copies_when_links_are_impossible(tmp_path):
+    """Across file systems (here: /dev/shm, a tmpfs, when the test's folder is on another one) the mirror copies."""
+    shm = "/dev/shm"
+    if not os.path.isdir(shm) or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        import pytest
+
+        pytest.skip("no second file system to mirror across")
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=shm) as other:
+        src = tmp_path / "src"
+        _png(src / "a.png", 1)
+        found = versioning.mirror_images(src, versioning.Path(other) / "images")
+        copy = versioning.Path(other) / "images" / "a.png"
+        assert found.images == ["a.png"] and copy.read_bytes() == (src / "a.png").read_bytes()
+        assert not copy.samefile(src / "a.png")
