@@ -389,8 +389,20 @@ def _similar_to(stats: pd.DataFrame, thumbs: list[np.ndarray | None]) -> tuple[l
 
 
 def _measure_many(root: str, max_pixels: int, images: list[str]) -> list[tuple[dict[str, object], np.ndarray | None]]:
+    """:func:`_measure` of a chunk of images, with their ``phash`` (one DCT call per chunk, in the worker)."""
     with _bomb_warnings_are_errors():
-        return [_measure(root, rel, max_pixels) for rel in images]
+        measured = [_measure(root, rel, max_pixels) for rel in images]
+    _fill_phashes(measured)
+    return measured
+
+
+def _fill_phashes(measured: list[tuple[dict[str, object], np.ndarray | None]]) -> None:
+    """Set ``phash`` of the readable rows that have none, from their thumbnails."""
+    todo = [(row, thumb) for row, thumb in measured if thumb is not None and row["phash"] is None]
+    if todo:
+        hashes = perceptual_hashes(np.stack([thumb for _, thumb in todo])).tolist()
+        for (row, _), h in zip(todo, hashes, strict=True):
+            row["phash"] = f"{h:016x}"
 
 
 def _measure_in_threads(
@@ -457,10 +469,7 @@ def compute_stats(
             measured = [_measure(root, rel, max_pixels) for rel in images]
     rows = [row for row, _ in measured]
     thumbs = [thumb for _, thumb in measured]
-    readable = [i for i, thumb in enumerate(thumbs) if thumb is not None]
-    if readable:
-        for i, h in zip(readable, perceptual_hashes(np.stack([thumbs[i] for i in readable])).tolist(), strict=True):
-            rows[i]["phash"] = f"{h:016x}"
+    _fill_phashes(measured)  # the images measured here (workers measured theirs)
     stats = pd.DataFrame.from_records(rows, columns=IMAGE_STAT_COLUMNS).astype(_DTYPES)
     stats["duplicate_of"] = pd.Series(_duplicate_of(stats), index=stats.index, dtype=object)
     similar, values = _similar_to(stats, thumbs)
