@@ -6,8 +6,10 @@ import atexit
 import json
 import logging
 import os
+import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -59,15 +61,109 @@ def _prefect_template(version: str) -> Path | None:
     return dbtemplates.template("prefect", version, _PREFECT_TEMPLATE_CODE, env)
 
 
+_PREFECT_SETTING_FILES = ("prefect.toml", ".env", "pyproject.toml")
+"""Files in the working directory Prefect 3 reads settings from (pyproject.toml: its ``[tool.prefect]`` table)."""
+
+
+def _plain_ephemeral_setup() -> bool:
+    """Whether Prefect's settings can only come from the environment and say "temporary server, default database"
+    (decided without importing Prefect): no API URL, no profile file, no settings file in the working directory,
+    no database URL, no explicit ephemeral switch. Anything else takes Prefect's own path."""
+    env = os.environ
+    home = env.get("PREFECT_HOME")
+    if not home or env.get("PREFECT_API_URL") or env.get("PREFECT_PROFILES_PATH"):
+        return False
+    own = ("PREFECT_API_DATABASE", "PREFECT_SERVER_DATABASE", "PREFECT_SERVER_EPHEMERAL_ENABLED")
+    if any(key.startswith(own) for key in env):
+        return False
+    if (Path(home) / "profiles.toml").exists():
+        return False
+    cwd = Path.cwd()
+    for name in _PREFECT_SETTING_FILES:
+        f = cwd / name
+        if f.is_file() and (name != "pyproject.toml" or "[tool.prefect" in f.read_text(errors="replace")):
+            return False
+    return True
+
+
+def _spawn_server_process(db: Path, version: str) -> tuple[subprocess.Popen[bytes], int] | None:
+    """Start the temporary server's process the way Prefect's ``SubprocessASGIServer`` does (same command, same
+    environment), before Prefect is imported: its 3-4 s boot then overlaps this process's 2 s of importing Prefect
+    instead of following it. None when the port search fails."""
+    import importlib.util
+    import random
+    import socket
+
+    if not db.exists() and (template := _prefect_template(version)) is not None:
+        from tasks.dbtemplates import copy_into
+
+        copy_into(template, db)
+    for _ in range(10):  # Prefect's own range and retries
+        port = random.choice(range(8000, 9000))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        spec = importlib.util.find_spec("prefect")
+        assert spec is not None and spec.origin is not None
+        cmd = [
+            sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.origin).parent.parent), "--factory",
+            "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+            "--log-level", "error", "--lifespan", "on",
+        ]  # fmt: skip
+        env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+        return subprocess.Popen(cmd, env=env), port
+    return None
+
+
+def _adopt_server_process(proc: subprocess.Popen[bytes], port: int) -> bool:
+    """Make the process Prefect's temporary server singleton (what ``SubprocessASGIServer.start`` would have made:
+    the flow's client finds it, and it is stopped at exit), once it answers ``/health``. False, with the process
+    stopped, when it does not (e.g. the port was taken meanwhile): the caller then lets Prefect start its own."""
+    import httpx
+    from prefect.server.api.server import SubprocessASGIServer, subprocess_server_logger
+    from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
+
+    server = SubprocessASGIServer()
+    if server.running:
+        proc.terminate()
+        return True
+    server.port, server.server_process, server.running = port, proc, True
+    atexit.register(server.stop)
+    subprocess_server_logger.info(f"Starting temporary server on {server.address} (started before Prefect's import)")
+    deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+    with httpx.Client() as client:
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if client.get(f"{server.api_url}/health").status_code == 200:
+                    return True
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+    server.stop()
+    return False
+
+
 def _start_prefect_server() -> None:
     """Start the temporary Prefect server the flow would start on its first API call (the same singleton, so the
-    flow reuses it); a new workspace's database is first copied from :func:`_prefect_template`."""
+    flow reuses it); a new workspace's database is first copied from :func:`_prefect_template`. In the plain
+    setup (:func:`_plain_ephemeral_setup`) the server's process starts before Prefect is imported."""
     try:
+        from importlib.metadata import version
+
+        spawned = None
+        if _plain_ephemeral_setup():
+            spawned = _spawn_server_process(Path(os.environ["PREFECT_HOME"]) / "prefect.db", version("prefect"))
         import prefect
         from prefect.settings import get_current_settings
 
         settings = get_current_settings()
         if settings.api.url or not settings.server.ephemeral.enabled:
+            if spawned is not None:
+                spawned[0].terminate()
+            return
+        if spawned is not None and _adopt_server_process(*spawned):
             return
         db = Path(settings.home) / "prefect.db"
         url = settings.server.database.connection_url
