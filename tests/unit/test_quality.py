@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -392,22 +393,28 @@ def test_a_killed_worker_process_loses_no_image(tmp_path, caplog):
     for rel in images:
         Image.fromarray(_noise(rng, (48, 48))).save(tmp_path / rel)
     killed: list[int] = []
+    others = {child.pid for child in psutil.Process().children()}  # e.g. an earlier test's Prefect server
 
     def kill_first_worker() -> None:
         deadline = time.monotonic() + 30
         while not killed and time.monotonic() < deadline:
             for child in psutil.Process().children():
-                if child.pid not in killed and "python" in child.name().lower():
+                if child.pid not in others:
                     os.kill(child.pid, signal.SIGKILL)
                     killed.append(child.pid)
                     return
             time.sleep(0.001)
 
     watcher = threading.Thread(target=kill_first_worker)
+    logger = logging.getLogger("autolabel")  # Prefect may have stopped it propagating to the root logger
+    logger.addHandler(caplog.handler)
     watcher.start()
-    with caplog.at_level("WARNING", logger="autolabel"):
-        table = compute_stats(tmp_path, images, PARAMS.max_pixels, workers=2)
-    watcher.join()
+    try:
+        with caplog.at_level("WARNING", logger="autolabel"):
+            table = compute_stats(tmp_path, images, PARAMS.max_pixels, workers=2)
+    finally:
+        logger.removeHandler(caplog.handler)
+        watcher.join()
     assert killed, "no worker process was seen"
     assert "a stats worker process failed" in caplog.text
     pd.testing.assert_frame_equal(table, compute_stats(tmp_path, images, PARAMS.max_pixels, workers=1))
