@@ -140,41 +140,31 @@ class BackgroundDvc:
         proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=output, stderr=subprocess.STDOUT)
         return cls(args, Path(cwd), timeout, proc, output, time.monotonic())
 
-    def wait(self) -> float:
-        """Wait for the command (at most its timeout from its start); returns the seconds waited.
-
-        A command that failed (or timed out) is run once more in the foreground, as a task retry would have done;
-        that one's error (the command and its output) is what the caller sees.
-
-        Raises:
-            VersioningError: if the command fails twice, or does not finish within its timeout.
-        """
-        t = time.monotonic()
-        left = None if self.timeout is None else max(0.0, self.started + self.timeout - t)
-        try:
-            code = self.proc.wait(timeout=left)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            code = None
-        finally:
-            self.output.close()
-        if code != 0:
-            dvc(self.args, self.cwd, timeout=self.timeout)
-        return time.monotonic() - t
-
-
     def settle(self) -> int | None:
-        """Let the command end (within its timeout) without retrying or raising: a failed run's cleanup, which
-        must never leave a DVC process writing behind it. Returns its exit code (None when it was stopped)."""
+        """Let the command end, at most its timeout after its start, without retrying or raising (what a failed
+        run's cleanup needs: no DVC process left writing behind it). Its exit code; None when it was stopped."""
+        left = None if self.timeout is None else max(0.0, self.started + self.timeout - time.monotonic())
         try:
-            return self.proc.wait(timeout=self.timeout)
+            return self.proc.wait(timeout=left)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
             return None
         finally:
             self.output.close()
+
+    def wait(self) -> float:
+        """:meth:`settle`, then a command that failed (or timed out) is run once more in the foreground, as a task
+        retry would have done; that one's error (the command and its output) is what the caller sees. Returns the
+        seconds waited.
+
+        Raises:
+            VersioningError: if the command fails twice, or does not finish within its timeout.
+        """
+        t = time.monotonic()
+        if self.settle() != 0:
+            dvc(self.args, self.cwd, timeout=self.timeout)
+        return time.monotonic() - t
 
 
 _pushes: dict[Path, BackgroundDvc] = {}
