@@ -61,6 +61,14 @@ def _prefect_template(version: str) -> Path | None:
     return dbtemplates.template("prefect", version, _PREFECT_TEMPLATE_CODE, env)
 
 
+def _new_prefect_db(db: Path, version: str) -> None:
+    """A workspace without a Prefect database gets a copy of :func:`_prefect_template`, when there is one."""
+    if not db.exists() and (template := _prefect_template(version)) is not None:
+        from tasks.dbtemplates import copy_into
+
+        copy_into(template, db)
+
+
 _PREFECT_SETTING_FILES = ("prefect.toml", ".env", "pyproject.toml")
 """Files in the working directory Prefect 3 reads settings from (pyproject.toml: its ``[tool.prefect]`` table)."""
 
@@ -89,15 +97,16 @@ def _plain_ephemeral_setup() -> bool:
 def _spawn_server_process(db: Path, version: str) -> tuple[subprocess.Popen[bytes], int] | None:
     """Start the temporary server's process the way Prefect's ``SubprocessASGIServer`` does (same command, same
     environment), before Prefect is imported: its 3-4 s boot then overlaps this process's 2 s of importing Prefect
-    instead of following it. None when the port search fails."""
+    instead of following it. None when Prefect is not found or the port search fails."""
     import importlib.util
     import random
     import socket
 
-    if not db.exists() and (template := _prefect_template(version)) is not None:
-        from tasks.dbtemplates import copy_into
-
-        copy_into(template, db)
+    _new_prefect_db(db, version)
+    spec = importlib.util.find_spec("prefect")
+    if spec is None or spec.origin is None:
+        return None
+    app_dir = str(Path(spec.origin).parent.parent)
     for _ in range(10):  # Prefect's own range and retries
         port = random.choice(range(8000, 9000))
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -105,10 +114,8 @@ def _spawn_server_process(db: Path, version: str) -> tuple[subprocess.Popen[byte
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
-        spec = importlib.util.find_spec("prefect")
-        assert spec is not None and spec.origin is not None
         cmd = [
-            sys.executable, "-m", "uvicorn", "--app-dir", str(Path(spec.origin).parent.parent), "--factory",
+            sys.executable, "-m", "uvicorn", "--app-dir", app_dir, "--factory",
             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
             "--log-level", "error", "--lifespan", "on",
         ]  # fmt: skip
@@ -126,8 +133,9 @@ def _adopt_server_process(proc: subprocess.Popen[bytes], port: int) -> bool:
     from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
     server = SubprocessASGIServer()
-    if server.running:
+    if server.running:  # started meanwhile by someone else: ours is not needed
         proc.terminate()
+        proc.wait()
         return True
     server.port, server.server_process, server.running = port, proc, True
     atexit.register(server.stop)
@@ -168,10 +176,8 @@ def _start_prefect_server() -> None:
         db = Path(settings.home) / "prefect.db"
         url = settings.server.database.connection_url
         default_db = url is None or url.get_secret_value() in ("", f"sqlite+aiosqlite:///{db}")
-        if default_db and not db.exists() and (template := _prefect_template(prefect.__version__)) is not None:
-            from tasks.dbtemplates import copy_into
-
-            copy_into(template, db)
+        if default_db:
+            _new_prefect_db(db, prefect.__version__)
         from prefect.server.api.server import SubprocessASGIServer
 
         SubprocessASGIServer().start()
