@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score
 
 from tasks.config import ClusterParams
 
@@ -387,22 +388,6 @@ def _scan_candidates(
     return best["head"], {**best["info"], "candidates": [_candidate_row(c) for c in cands]}
 
 
-def adjusted_rand(a: np.ndarray, b: np.ndarray) -> float:
-    """Adjusted Rand index of two partitions (labels >= 0) from their contingency table: O(n + k_a k_b)."""
-    a, b = np.asarray(a, np.int64), np.asarray(b, np.int64)
-    kb = int(b.max()) + 1
-    table = np.bincount(a * kb + b, minlength=(int(a.max()) + 1) * kb).reshape(-1, kb).astype(np.float64)
-
-    def pairs(v: np.ndarray) -> float:
-        return float((v * (v - 1) / 2).sum())
-
-    both, rows, cols = pairs(table), pairs(table.sum(1)), pairs(table.sum(0))
-    total = len(a) * (len(a) - 1) / 2
-    expected = rows * cols / total if total else 0.0
-    top = (rows + cols) / 2
-    return 1.0 if top == expected else (both - expected) / (top - expected)
-
-
 def _scan_consensus(
     x: np.ndarray, k: int, params: ClusterParams, seed: int, kmeans_labels: np.ndarray, nn: np.ndarray, graph
 ) -> tuple[list, dict]:
@@ -417,7 +402,7 @@ def _scan_consensus(
     agree = np.eye(m)
     for i in range(m):
         for j in range(i + 1, m):
-            agree[i, j] = agree[j, i] = adjusted_rand(pool[i]["labels"], pool[j]["labels"])
+            agree[i, j] = agree[j, i] = adjusted_rand_score(pool[i]["labels"], pool[j]["labels"])
     mean_ari = (agree.sum(1) - 1.0) / max(m - 1, 1)
     best = max(range(m), key=lambda i: (round(float(mean_ari[i]), 9), pool[i]["modularity"]))
     rows = [
