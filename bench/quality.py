@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from tasks.clustering import cluster  # noqa: E402
 from tasks.config import ClusterParams, EmbedParams, load_params  # noqa: E402
-from tasks.embedding import TORCH_METHODS, fit_embedder, fit_graph_vectors  # noqa: E402
+from tasks.embedding import TORCH_METHODS, fit_embedder  # noqa: E402
 from tasks.evaluation import evaluate  # noqa: E402
 from tasks.standardize import standardize_image  # noqa: E402
 
@@ -95,11 +95,6 @@ METHODS = {
     "default, SimCLR views keep the central half (crops ≥ 75 %, was 60 %) → SCAN": ({}, {}, {"crop_min_scale": 0.75}),
     # issue 4, sixth round: consensus of the SCAN candidates of 2 clustering seeds (medoid by mean ARI)
     "default embedding → SCAN consensus of 2 runs (medoid of 8 candidates by mean ARI)": ({}, {"consensus": 2}),
-    # issue 4, seventh round: SCAN's neighbour graph keeps the edges that the embeddings of two SimCLR seeds agree on
-    "default embedding → SCAN on a stable graph (kNN edges both SimCLR seeds s, s+1000 agree on)": (
-        {},
-        {"stable_graph": True},
-    ),
     "default embedding → k-means": ({}, {"method": "kmeans"}),
     "default embedding → HDBSCAN": ({}, {"method": "hdbscan"}),
     "default embedding → agglomerative": ({}, {"method": "agglomerative"}),
@@ -172,12 +167,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 model, vectors, rep = fit_embedder(images, eparams, torch_seed, cache=cache, **options)
                 for key, value in cache.items():
                     (per_seed if key.split("-")[0] in TORCH_METHODS else desc)[key] = value
-                graph_vectors, graph_train = None, 0.0
-                if cparams.stable_graph:  # the second embedding (SimCLR seed + 1000), descriptor blocks shared
-                    graph_vectors, rep2 = fit_graph_vectors(images, eparams, torch_seed, cache=dict(desc), **options)
-                    graph_train = rep2.train_seconds
                 start = time.perf_counter()
-                result = cluster(vectors, cparams, seed, graph_vectors=graph_vectors)
+                result = cluster(vectors, cparams, seed)
                 cluster_s = time.perf_counter() - start
                 m = evaluate(y, result.labels)
                 rec = {
@@ -194,15 +185,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     **{key: round(float(m[key]), 4) for key in KEYS},
                     "per_class_recall": {c: round(v, 4) for c, v in m["per_class_recall"].items()},
                     "n_clusters": int(result.model.n_clusters),
-                    "train_seconds": round(rep.train_seconds + graph_train, 2),
-                    **(
-                        {
-                            "train_seconds_per_training": [rep.train_seconds, graph_train],
-                            "stable_graph": result.model.info.get("stable_graph"),
-                        }
-                        if cparams.stable_graph
-                        else {}
-                    ),
+                    "train_seconds": rep.train_seconds,
                     "embed_seconds": rep.embed_seconds,
                     "cluster_seconds": round(cluster_s, 2),
                 }

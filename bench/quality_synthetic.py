@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from tasks.clustering import cluster  # noqa: E402
 from tasks.config import ClusterParams, EmbedParams, load_params  # noqa: E402
-from tasks.embedding import fit_embedder, fit_graph_vectors  # noqa: E402
+from tasks.embedding import fit_embedder  # noqa: E402
 from tasks.evaluation import evaluate  # noqa: E402
 from tasks.standardize import standardize_image  # noqa: E402
 from tasks.synthetic import generate  # noqa: E402
@@ -90,22 +90,16 @@ def main(argv: list[str] | None = None) -> None:
     for seed in args.seeds:
         start = time.perf_counter()
         options = {"simclr_runs": args.simclr_runs, "crop_min_scale": args.crop_min_scale}
-        cache: dict = {}
-        _, vectors, rep = fit_embedder(images, eparams, seed, cache=cache, **options)
+        _, vectors, rep = fit_embedder(images, eparams, seed, **options)
         embed_s = time.perf_counter() - start
-        graph_vectors, graph_train = None, 0.0
-        if any(v.stable_graph for v in variants.values()):  # cluster.stable_graph: the second SimCLR seed's vectors
-            graph_vectors, rep2 = fit_graph_vectors(images, eparams, seed, cache=cache, **options)
-            graph_train = rep2.train_seconds
         for variant, vparams in variants.items():
             start = time.perf_counter()
-            result = cluster(vectors, vparams, seed, graph_vectors=graph_vectors)
+            result = cluster(vectors, vparams, seed)
             cluster_s = time.perf_counter() - start
             m = evaluate(y, result.labels)
             rec = {"seed": seed, **({"variant": variant} if variant else {}),
                    **{k: round(float(m[k]), 4) for k in KEYS},
-                   "train_seconds": rep.train_seconds + (graph_train if vparams.stable_graph else 0.0),
-                   "embed_total_seconds": round(embed_s, 1),
+                   "train_seconds": rep.train_seconds, "embed_total_seconds": round(embed_s, 1),
                    "cluster_seconds": round(cluster_s, 2)}
             records.append(rec)
             print(json.dumps(rec), flush=True)

@@ -15,12 +15,7 @@ Methods (``cluster.method``):
   one from k-means suits balanced data). ``consensus: N`` (N >= 2) repeats that candidate search with N seeds on
   one shared neighbour graph and keeps, of all N x candidates partitions, the medoid: the one with the highest mean
   adjusted Rand index to the others (label-free; damps partitions that one seed's starts produce and the others
-  do not). The model is the medoid's head, so assignment is unchanged. ``stable_graph: true`` builds the
-  neighbour lists and graph from two embeddings of the same images (``graph_vectors``: the embed stage's second
-  embedding, SimCLR trained on another seed, :func:`tasks.embedding.fit_graph_vectors`): an image keeps a
-  neighbour only when it is among its ``neighbours`` nearest in both (:func:`stable_neighbours`), so SCAN and the
-  modularity selection see only the edges that do not depend on one SimCLR seed; the head is still trained on and
-  assigns ``vectors``, so assignment is unchanged.
+  do not). The model is the medoid's head, so assignment is unchanged.
 - ``hdbscan``: density-based (scikit-learn HDBSCAN) on a PCA projection; finds the number of clusters itself;
   noise points are attached to the nearest cluster with confidence 0 (they go to review).
 - ``agglomerative``: Ward linkage on a PCA projection (fitted on at most ``max_fit`` images).
@@ -223,14 +218,11 @@ def _scan(
     init: np.ndarray,
     nn: np.ndarray | None = None,
     entropy_weight: float | None = None,
-    nn_counts: np.ndarray | None = None,
 ) -> tuple[list, dict]:
     """Train ``params.heads`` SCAN heads on fixed, L2-normalised vectors; return the best head's layers.
 
     Head 0 starts as the prototype classifier of the partition ``init``; ``nn`` are the neighbour indices
-    (:func:`knn_indices`, computed here when not given). With ``nn_counts`` (:func:`stable_neighbours`) row i has
-    only its first ``nn_counts[i]`` neighbours: the consistency term samples among those and the head selection
-    averages over those.
+    (:func:`knn_indices`, computed here when not given).
     """
     import torch
 
@@ -242,7 +234,6 @@ def _scan(
         gen = torch.Generator().manual_seed(seed)
         n, d = x.shape
         nn_idx = torch.from_numpy(knn_indices(x, params.neighbours) if nn is None else nn)
-        counts = None if nn_counts is None else torch.from_numpy(np.asarray(nn_counts, dtype=np.int64))
         xt = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         heads = _Heads(params.heads, d, k, params.hidden, gen, _prototypes(x, init, k))
         opt = torch.optim.Adam(heads.parameters(), lr=params.lr, weight_decay=1e-4)
@@ -261,11 +252,7 @@ def _scan(
             perm = torch.randperm(n, generator=gen)
             for s in range(max(1, n // bs)):
                 idx = perm[s * bs : (s + 1) * bs]
-                if counts is None:
-                    col = torch.randint(0, nn_idx.shape[1], (len(idx),), generator=gen)
-                else:  # uniform among the row's own neighbours
-                    col = (torch.rand(len(idx), generator=gen) * counts[idx]).long().clamp_max(nn_idx.shape[1] - 1)
-                nb = nn_idx[idx, col]
+                nb = nn_idx[idx, torch.randint(0, nn_idx.shape[1], (len(idx),), generator=gen)]
                 p_a = torch.softmax(heads.logits(xt[idx]), -1)
                 p_b = torch.softmax(heads.logits(xt[nb]), -1)
                 loss = _scan_loss(p_a, p_b, ew).sum()
@@ -276,10 +263,8 @@ def _scan(
         with torch.no_grad():
             p = torch.softmax(heads.logits(xt), -1)  # (H, N, k)
             scores = []
-            mask = None if counts is None else (torch.arange(nn_idx.shape[1])[None, :] < counts[:, None]).float()
             for h in range(params.heads):
-                log_agree = torch.log((p[h].unsqueeze(1) * p[h][nn_idx]).sum(-1).clamp_min(1e-8))
-                cons = -log_agree.mean() if mask is None else -(log_agree * mask).sum() / mask.sum()
+                cons = -torch.log((p[h].unsqueeze(1) * p[h][nn_idx]).sum(-1).clamp_min(1e-8)).mean()
                 mean = p[h].mean(0)
                 scores.append(float(cons + ew * (mean * torch.log(mean.clamp_min(1e-8))).sum()))
         best = int(np.argmin(scores))
@@ -296,42 +281,14 @@ def _entropy_weights(params: ClusterParams) -> list[float]:
     return [float(v) for v in w] if isinstance(w, list) else [float(w)]
 
 
-def knn_graph(nn: np.ndarray, counts: np.ndarray | None = None):
-    """Symmetric 0/1 sparse adjacency of a nearest-neighbour list ``(N, m)`` (i~j when either lists the other);
-    with ``counts``, row i lists only its first ``counts[i]`` entries (padded lists, :func:`stable_neighbours`)."""
+def knn_graph(nn: np.ndarray):
+    """Symmetric 0/1 sparse adjacency of a nearest-neighbour list ``(N, m)`` (i~j when either lists the other)."""
     from scipy import sparse
 
     n, m = nn.shape
-    if counts is None:
-        rows, cols = np.repeat(np.arange(n), m), nn.ravel()
-    else:
-        kept = np.arange(m)[None, :] < counts[:, None]
-        rows, cols = np.nonzero(kept)[0], nn[kept]
-    a = sparse.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(n, n))
+    a = sparse.csr_matrix((np.ones(n * m, np.float32), (np.repeat(np.arange(n), m), nn.ravel())), shape=(n, n))
     a = a.maximum(a.T)
     return a.tocsr()
-
-
-def stable_neighbours(views: list[np.ndarray], m: int) -> tuple[np.ndarray, np.ndarray]:
-    """Neighbour lists every view agrees on (``cluster.stable_graph``).
-
-    ``views``: L2-normalised embeddings of the same images (rows aligned). Row i keeps, of its ``m`` nearest
-    neighbours in the first view (nearest first), those that are also among its ``m`` nearest in every other view;
-    a row left with none keeps its nearest neighbour of the first view. Returns ``(nn, counts)``: ``nn`` ``(N, m)``
-    with the kept neighbours first and the rest of the row padded by repeating them (so every entry is a kept
-    neighbour), and ``counts[i]`` kept neighbours of row i (1..m).
-    """
-    first = knn_indices(views[0], m)
-    keep = np.ones(first.shape, bool)
-    for other in views[1:]:
-        o = knn_indices(other, m)
-        keep &= (first[:, :, None] == o[:, None, :]).any(-1)
-    keep[:, 0] |= ~keep.any(axis=1)  # fallback: the first view's nearest neighbour
-    counts = keep.sum(axis=1)
-    order = np.argsort(~keep, axis=1, kind="stable")  # kept ones first, in the first view's order
-    kept = np.take_along_axis(first, order, axis=1)
-    cols = np.arange(first.shape[1])[None, :] % counts[:, None]  # pad cyclically with the kept ones
-    return np.take_along_axis(kept, cols, axis=1), counts
 
 
 def modularity(graph, labels: np.ndarray) -> float:
@@ -367,22 +324,11 @@ SPECTRAL_N = 10_000
 for 20k on a loaded core) and the others join their nearest spectral cluster; SCAN then refines on all of them."""
 
 
-def _neighbours(views: list[np.ndarray], m: int):
-    """(nn, counts, graph) SCAN uses: plain kNN of one view (counts None), or :func:`stable_neighbours` of several."""
-    if len(views) == 1:
-        nn = knn_indices(views[0], m)
-        return nn, None, knn_graph(nn)
-    nn, counts = stable_neighbours(views, m)
-    return nn, counts, knn_graph(nn, counts)
-
-
-def _spectral_start(
-    x: np.ndarray, graph, k: int, params: ClusterParams, seed: int, views: list[np.ndarray] | None = None
-) -> np.ndarray | None:
+def _spectral_start(x: np.ndarray, graph, k: int, params: ClusterParams, seed: int) -> np.ndarray | None:
     if len(x) <= SPECTRAL_N:
         return spectral_labels(graph, k, seed)
     idx = np.sort(np.random.default_rng(seed).choice(len(x), size=SPECTRAL_N, replace=False))
-    sub = spectral_labels(_neighbours([v[idx] for v in (views or [x])], params.neighbours)[2], k, seed)
+    sub = spectral_labels(knn_graph(knn_indices(x[idx], params.neighbours)), k, seed)
     if sub is None:
         return None
     protos = _prototypes(x[idx], sub, int(sub.max()) + 1)
@@ -392,26 +338,18 @@ def _spectral_start(
 
 
 def _scan_candidate_list(
-    x: np.ndarray,
-    k: int,
-    params: ClusterParams,
-    seed: int,
-    kmeans_labels: np.ndarray,
-    nn: np.ndarray,
-    graph,
-    nn_counts: np.ndarray | None = None,
-    views: list[np.ndarray] | None = None,
+    x: np.ndarray, k: int, params: ClusterParams, seed: int, kmeans_labels: np.ndarray, nn: np.ndarray, graph
 ) -> list[dict]:
     """One SCAN head per init (``cluster.init``) and entropy weight, each with its partition and graph modularity."""
     inits: dict[str, np.ndarray] = {}
     for name in params.init:
-        labels = kmeans_labels if name == "kmeans" else _spectral_start(x, graph, k, params, seed, views)
+        labels = kmeans_labels if name == "kmeans" else _spectral_start(x, graph, k, params, seed)
         if labels is not None:
             inits[name] = labels
     out = []
     for name, init in inits.items():
         for ew in _entropy_weights(params):
-            head, info = _scan(x, k, params, seed, init, nn=nn, entropy_weight=ew, nn_counts=nn_counts)
+            head, info = _scan(x, k, params, seed, init, nn=nn, entropy_weight=ew)
             labels = _head_probs(head, x).argmax(axis=1)
             q = modularity(graph, labels)
             out.append(
@@ -436,44 +374,22 @@ def _candidate_row(c: dict) -> dict:
 
 
 def _scan_candidates(
-    x: np.ndarray,
-    k: int,
-    params: ClusterParams,
-    seed: int,
-    kmeans_labels: np.ndarray,
-    graph_x: np.ndarray | None = None,
+    x: np.ndarray, k: int, params: ClusterParams, seed: int, kmeans_labels: np.ndarray
 ) -> tuple[list, dict]:
     """SCAN heads from every init (``cluster.init``) and entropy weight; the partition with the highest
     modularity on the neighbour graph wins (label-free model selection across candidates). With
-    ``cluster.consensus`` N >= 2, see :func:`_scan_consensus`. With ``graph_x`` (a second view of the same images,
-    ``cluster.stable_graph``) the neighbours and graph are the edges both views agree on (:func:`stable_neighbours`)."""
-    views = [x] if graph_x is None else [x, graph_x]
-    nn, counts, graph = _neighbours(views, params.neighbours)
-    extra: dict[str, Any] = {}
-    if counts is not None:
-        extra["stable_graph"] = {
-            "mean_neighbours": round(float(counts.mean()), 3),
-            "fallback_share": round(float(np.mean(counts == 1)), 4),
-            "edges": int(graph.nnz // 2),
-        }
+    ``cluster.consensus`` N >= 2, see :func:`_scan_consensus`."""
+    nn = knn_indices(x, params.neighbours)
+    graph = knn_graph(nn)
     if params.consensus >= 2:
-        head, info = _scan_consensus(x, k, params, seed, kmeans_labels, nn, graph, counts, views)
-        return head, {**info, **extra}
-    cands = _scan_candidate_list(x, k, params, seed, kmeans_labels, nn, graph, counts, views)
+        return _scan_consensus(x, k, params, seed, kmeans_labels, nn, graph)
+    cands = _scan_candidate_list(x, k, params, seed, kmeans_labels, nn, graph)
     best = max(cands, key=lambda c: c["modularity"])  # first of equals, as before
-    return best["head"], {**best["info"], "candidates": [_candidate_row(c) for c in cands], **extra}
+    return best["head"], {**best["info"], "candidates": [_candidate_row(c) for c in cands]}
 
 
 def _scan_consensus(
-    x: np.ndarray,
-    k: int,
-    params: ClusterParams,
-    seed: int,
-    kmeans_labels: np.ndarray,
-    nn: np.ndarray,
-    graph,
-    nn_counts: np.ndarray | None = None,
-    views: list[np.ndarray] | None = None,
+    x: np.ndarray, k: int, params: ClusterParams, seed: int, kmeans_labels: np.ndarray, nn: np.ndarray, graph
 ) -> tuple[list, dict]:
     """``cluster.consensus`` runs of the candidate search (seeds ``seed + r``; run 0 reuses the k-means start of
     :func:`cluster`), pooled; the medoid partition (highest mean ARI to the other candidates) is kept, ties going
@@ -481,7 +397,7 @@ def _scan_consensus(
     pool: list[dict] = []
     for r in range(params.consensus):
         start = kmeans_labels if r == 0 else _kmeans(x, k, params.n_init, seed + r)
-        pool.extend(_scan_candidate_list(x, k, params, seed + r, start, nn, graph, nn_counts, views))
+        pool.extend(_scan_candidate_list(x, k, params, seed + r, start, nn, graph))
     m = len(pool)
     agree = np.eye(m)
     for i in range(m):
@@ -540,44 +456,20 @@ def _self_label(layers, xt, k: int, params: ClusterParams, gen) -> list[tuple[np
     return [(w.detach().numpy().copy(), b.detach().numpy().copy()) for w, b in params_t]
 
 
-def _graph_view(graph_vectors: np.ndarray | None, n: int, params: ClusterParams) -> np.ndarray | None:
-    """The second view of ``cluster.stable_graph``, prepared as the vectors are (centred, L2-normalised)."""
-    if not (params.stable_graph and params.method == "scan"):
-        return None
-    if graph_vectors is None:
-        raise ValueError(
-            "cluster.stable_graph needs a second embedding of the same images (graph_vectors, written by the embed "
-            "stage as graph_vectors.npy when cluster.stable_graph is on); none was given"
-        )
-    g = np.asarray(graph_vectors, dtype=np.float32)
-    if len(g) != n:
-        raise ValueError(f"cluster.stable_graph: graph_vectors has {len(g)} rows, the vectors {n}")
-    return _prep(g, g.mean(axis=0) if params.center else np.zeros(g.shape[1], np.float32))
-
-
-def cluster(
-    vectors: np.ndarray, params: ClusterParams, seed: int, graph_vectors: np.ndarray | None = None
-) -> Clustering:
-    """Fit ``params.method`` on ``vectors`` ``(N, d)`` and assign every vector.
-
-    ``graph_vectors``: a second embedding of the same images (rows aligned), required by ``cluster.stable_graph``
-    (SCAN then keeps only the neighbour edges both embeddings agree on) and otherwise not used.
-    """
+def cluster(vectors: np.ndarray, params: ClusterParams, seed: int) -> Clustering:
+    """Fit ``params.method`` on ``vectors`` ``(N, d)`` and assign every vector."""
     vectors = np.asarray(vectors, dtype=np.float32)
     n = len(vectors)
     if n < 2:
         raise ValueError(f"clustering needs at least 2 images, got {n}")
     mean = vectors.mean(axis=0) if params.center else np.zeros(vectors.shape[1], np.float32)
     x = _prep(vectors, mean)
-    gx = _graph_view(graph_vectors, n, params)
     info: dict[str, Any] = {}
     method = params.method
     if method in ("kmeans", "scan"):
-        fit, gfit = x, gx
+        fit = x
         if n > LARGE_N:  # fit on a sample, assign all (see LARGE_N)
-            sample = np.sort(np.random.default_rng(seed).choice(n, size=LARGE_N, replace=False))
-            fit = x[sample]
-            gfit = None if gx is None else gx[sample]
+            fit = x[np.sort(np.random.default_rng(seed).choice(n, size=LARGE_N, replace=False))]
             info["fit_sample"] = LARGE_N
         if params.k == 0:
             k, scores = choose_k(fit, params.k_min, min(params.k_max, len(fit) - 1), params.n_init, seed)
@@ -586,7 +478,7 @@ def cluster(
             k = min(params.k, n)
         labels = _kmeans(fit, k, params.n_init, seed)
         if method == "scan" and k >= 2:
-            head, scan_info = _scan_candidates(fit, k, params, seed, labels, gfit)
+            head, scan_info = _scan_candidates(fit, k, params, seed, labels)
             info.update(scan_info)
             labels = _head_probs(head, fit).argmax(axis=1)
             model = ClusterModel(method, _prototypes(fit, labels, k), mean, head=head, info=info)

@@ -159,11 +159,6 @@ class ClusterParams(_Section):
         "neighbour graph) and keeps the candidate partition that agrees best (mean ARI) with all the others; "
         "about N times the clustering time. Ignored by the other methods.",
     )
-    stable_graph: bool = Field(
-        False,
-        description="scan: the embed stage also trains the torch (SimCLR) blocks on a second seed (seed + 1000) and "
-        "SCAN's neighbour graph keeps only the edges both embeddings agree on; about twice the training time.",
-    )
     self_label: bool = Field(False, description="scan: fine-tune on the head's own confident predictions.")
     self_label_threshold: float = Field(0.99, gt=0.0, lt=1.0)
     pca_dims: int = Field(32, ge=2, description="hdbscan/agglomerative: PCA dimensions they run on.")
@@ -184,8 +179,6 @@ class ClusterParams(_Section):
             raise ValueError(
                 "cluster.consensus must be 0 (off) or at least 2 (runs whose partitions vote); 1 run is no consensus"
             )
-        if self.stable_graph and self.method != "scan":
-            raise ValueError(f"cluster.stable_graph needs method scan (its neighbour graph), not {self.method!r}")
         weights = self.entropy_weight if isinstance(self.entropy_weight, list) else [self.entropy_weight]
         if not weights or any(w < 0 for w in weights):
             raise ValueError("cluster.entropy_weight must be a number >= 0 or a non-empty list of them")
@@ -347,19 +340,6 @@ class Params(_Section):
     runner: RunnerParams = RunnerParams()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
-
-    @model_validator(mode="after")
-    def _stable_graph_needs_a_seeded_block(self) -> Params:
-        """cluster.stable_graph compares two seeds of the torch blocks: without one both embeddings are equal."""
-        if self.cluster.stable_graph:
-            e = self.embed
-            blocks = {k for k, w in e.blocks.items() if w > 0} if e.method == "combo" else {e.method}
-            if not blocks & {"simclr", "cnn", "pretrained"}:
-                raise ValueError(
-                    "cluster.stable_graph needs a trained block in the embedding (embed.method or embed.blocks with "
-                    f"simclr, cnn or pretrained); {sorted(blocks)} give the same vectors for every seed"
-                )
-        return self
 
     @property
     def validate(self) -> ValidateParams:  # type: ignore[override]

@@ -436,34 +436,6 @@ def fit_embedder(
     return model, np.concatenate(outputs, 1).astype(np.float32), report
 
 
-GRAPH_SEED_OFFSET = 1000
-"""``cluster.stable_graph``: the second embedding's torch blocks are trained with ``seed + GRAPH_SEED_OFFSET``."""
-
-
-def fit_graph_vectors(
-    images: np.ndarray,
-    params: EmbedParams,
-    seed: int,
-    log=None,
-    cache: dict | None = None,
-    mapper: Mapper | None = None,
-    chunk: int = 512,
-    **options,
-) -> tuple[np.ndarray, FitReport]:
-    """The second embedding of ``cluster.stable_graph``: the same blocks and recipe as :func:`fit_embedder`, every
-    torch block trained again with seed ``seed + GRAPH_SEED_OFFSET`` (same epochs). Only its vectors are kept:
-    they shape the neighbour graph, the saved model and the clustering vectors stay the first embedding's.
-
-    ``cache``: the dict given to :func:`fit_embedder` for the first embedding; its descriptor blocks (which do not
-    depend on the seed) are reused, its torch blocks are not.
-    """
-    shared = {k: v for k, v in (cache or {}).items() if k.split("-")[0] not in TORCH_METHODS}
-    _, vectors, report = fit_embedder(
-        images, params, seed + GRAPH_SEED_OFFSET, log=log, cache=shared, mapper=mapper, chunk=chunk, **options
-    )
-    return vectors, report
-
-
 def _plan(names: dict[str, float], params: EmbedParams, seed: int, simclr_runs: int):
     """(cache key, kind, weight, seed, params) of every block to fit; ``simclr`` split into ``simclr_runs``."""
     out = []

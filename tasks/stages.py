@@ -112,26 +112,17 @@ def run_embed(ws: Workspace, params: Params, mapper: Mapper | None = None) -> di
 
     ``mapper`` (from the Prefect flow, :mod:`tasks.parallel`) computes chunks of features on the task runner.
     """
-    from tasks.embedding import fit_embedder, fit_graph_vectors, save_model
+    from tasks.embedding import fit_embedder, save_model
 
     _set_threads(params)
     images = np.load(ws.stage_dir("standardize") / "images.npy", mmap_mode="r")
     out = ws.stage_dir("embed")
     out.mkdir(parents=True, exist_ok=True)
-    stable = params.cluster.stable_graph and params.cluster.method == "scan"
-    cache: dict | None = {} if stable else None  # descriptor blocks shared with the second embedding
     model, vectors, report = fit_embedder(
-        images, params.embed, params.base.seed, log=log.info, cache=cache, mapper=mapper, chunk=params.runner.chunk
+        images, params.embed, params.base.seed, log=log.info, mapper=mapper, chunk=params.runner.chunk
     )
     save_model(model, out / "model.pt")
     np.save(out / "vectors.npy", vectors.astype(np.float32))
-    graph_train = None
-    if stable:  # cluster.stable_graph: a second SimCLR seed's embedding, for the neighbour graph only
-        graph_vectors, graph_report = fit_graph_vectors(
-            images, params.embed, params.base.seed, log=log.info, cache=cache, mapper=mapper, chunk=params.runner.chunk
-        )
-        np.save(out / "graph_vectors.npy", graph_vectors.astype(np.float32))
-        graph_train = graph_report.train_seconds
     metrics = {
         "method": params.embed.method,
         "blocks": {b.kind: b.weight for b in model.blocks},
@@ -145,8 +136,6 @@ def run_embed(ws: Workspace, params: Params, mapper: Mapper | None = None) -> di
         "device": report.device,
         "backbone": params.embed.backbone,
     }
-    if graph_train is not None:
-        metrics["graph_train_seconds"] = graph_train
     ws.write_json("embed", metrics)
     return metrics
 
@@ -163,14 +152,8 @@ def run_cluster(ws: Workspace, params: Params) -> dict[str, Any]:
     _set_threads(params)
     vectors = np.load(ws.stage_dir("embed") / "vectors.npy")
     index = pd.read_csv(ws.stage_dir("standardize") / "index.csv")
-    graph_vectors = None
-    if params.cluster.stable_graph and params.cluster.method == "scan":
-        path = ws.stage_dir("embed") / "graph_vectors.npy"
-        if not path.is_file():
-            raise FileNotFoundError(f"cluster.stable_graph: {path} is missing; run the embed stage with it on")
-        graph_vectors = np.load(path)
     start = time.perf_counter()
-    result = cluster(vectors, params.cluster, params.base.seed, graph_vectors=graph_vectors)
+    result = cluster(vectors, params.cluster, params.base.seed)
     seconds = round(time.perf_counter() - start, 2)
     out = ws.stage_dir("cluster")
     out.mkdir(parents=True, exist_ok=True)
