@@ -40,6 +40,8 @@ NAMED_CLUSTER = "human-named cluster"
 UNNAMED = "unnamed cluster"
 EMBEDDING_SPACE = "embedding"
 SEED_METRIC_SPACE = "seed-metric"  # the embedding plus the block learned from the seeds
+BLEND_SPACE = "blend"  # both graphs (embedding, seed metric), their class scores averaged (annotate.space_rule: blend)
+SPACE_RULES = ("better", "blend", "margin")
 
 
 class HumanInputError(ValueError):
@@ -176,6 +178,15 @@ def spread(
     return f / np.where(mass > 0, mass, 1.0)
 
 
+def spread_on(
+    neighbours: np.ndarray | tuple[np.ndarray, ...], seed_index: np.ndarray, seed_class: np.ndarray, n_classes: int
+) -> np.ndarray:
+    """:func:`spread` on one graph, or the mean (equal weights) of its class scores on each of several graphs."""
+    if isinstance(neighbours, tuple):
+        return np.mean([spread(g, seed_index, seed_class, n_classes) for g in neighbours], axis=0)
+    return spread(neighbours, seed_index, seed_class, n_classes)
+
+
 def _scores(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Predicted class and a raw confidence score in [0, 1] (share of the top class; 0 where nothing reached)."""
     total = f.sum(axis=1)
@@ -239,8 +250,9 @@ def seed_space(vectors: np.ndarray, seed_index: np.ndarray, seed_class: np.ndarr
     return np.hstack([x / x_scale, weight * z / z_scale]).astype(np.float32)
 
 
-NeighboursFor = Callable[[np.ndarray, np.ndarray], np.ndarray]
-"""(seed indices, their classes) → the kNN lists the labels spread on (the graph may depend on the seeds)."""
+NeighboursFor = Callable[[np.ndarray, np.ndarray], np.ndarray | tuple[np.ndarray, ...]]
+"""(seed indices, their classes) → the kNN lists the labels spread on (the graph may depend on the seeds); a tuple
+of them: the class scores are averaged over the graphs (:func:`spread_on`)."""
 
 
 @dataclass(frozen=True)
@@ -276,11 +288,35 @@ def cross_validate(
     for f_id in range(folds):
         held = fold_of == f_id
         neighbours = neighbours_for(seed_index[~held], seed_class[~held])
-        f = spread(neighbours, seed_index[~held], seed_class[~held], n_classes)
+        f = spread_on(neighbours, seed_index[~held], seed_class[~held], n_classes)
         pred, raw = _scores(f[seed_index[held]])
         raws.append(raw)
         hits.append(pred == seed_class[held])
     return HeldOut(np.concatenate(raws), np.concatenate(hits))
+
+
+def choose_space(checked: dict[str, HeldOut | None], rule: str = "better") -> str:
+    """The space the seed labels spread in, from each candidate's cross-validation (``annotate.space_rule``).
+
+    better: the seed metric when its held-out accuracy is higher than the embedding's (ties: the embedding).
+    margin: the seed metric unless the embedding predicts held-out seeds better by more than one standard error of
+    the paired difference (both spaces are cross-validated on the same folds, so seed i is held out in both):
+    a difference the folds can flip does not switch the space.
+    blend: both graphs, class scores averaged (:data:`BLEND_SPACE`), when it could be cross-validated.
+    Too few seeds for a candidate (no cross-validation): the embedding.
+    """
+    if rule not in SPACE_RULES:
+        raise ValueError(f"unknown space rule {rule!r}; one of {SPACE_RULES}")
+    plain_cv, metric_cv = checked.get(EMBEDDING_SPACE), checked.get(SEED_METRIC_SPACE)
+    if rule == "blend":
+        return BLEND_SPACE if checked.get(BLEND_SPACE) is not None else EMBEDDING_SPACE
+    if plain_cv is None or metric_cv is None:
+        return EMBEDDING_SPACE
+    if rule == "margin":
+        d = metric_cv.hit.astype(float) - plain_cv.hit.astype(float)
+        se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+        return EMBEDDING_SPACE if float(d.mean()) < -se else SEED_METRIC_SPACE
+    return SEED_METRIC_SPACE if metric_cv.accuracy > plain_cv.accuracy else EMBEDDING_SPACE
 
 
 def calibrator(held_out: HeldOut | None) -> Callable[[np.ndarray], np.ndarray]:
@@ -322,13 +358,15 @@ def annotate(
     seed: int = 0,
     graph: tuple[np.ndarray, np.ndarray] | None = None,
     metric_weight: float = 1.0,
+    space_rule: str = "blend",
 ) -> Annotation:
     """A label, a confidence and a source for every image.
 
     Order of authority: a human seed; else a confident seed propagation; else the human name of its cluster;
     else an uncertain propagation (needs review); else the anonymous cluster. ``graph`` is the kNN graph of
-    ``vectors`` when the caller has it. With ``metric_weight > 0`` and enough seeds, the labels spread on the graph
-    of :func:`seed_space` instead when that predicts held-out seeds better (cross-validated on the seeds).
+    ``vectors`` when the caller has it. With ``metric_weight > 0`` and enough seeds, the labels also spread on the
+    graph of :func:`seed_space`; ``space_rule`` says how the two are combined or chosen (:func:`choose_space`):
+    by default (blend) the two class-score matrices are averaged, which does not flip with the calibration folds.
     """
     n = len(images)
     labels = [f"cluster-{int(c)}" for c in clusters]
@@ -352,23 +390,31 @@ def annotate(
                 plain.append(knn_graph(vectors, k)[0])
             return plain[0]
 
-        def seed_metric_graph(idx: np.ndarray, cls: np.ndarray) -> np.ndarray:
-            learned = seed_space(vectors, idx, cls, metric_weight)
-            return embedding_graph(idx, cls) if learned is None else knn_graph(learned, k)[0]
+        learned_graphs: dict[bytes, np.ndarray] = {}  # a fold's graph serves the blend and the metric alone
 
-        # the space the labels spread in: the seed metric only where held-out seeds say it beats the embedding
+        def seed_metric_graph(idx: np.ndarray, cls: np.ndarray) -> np.ndarray:
+            key = idx.tobytes() + cls.tobytes()
+            if key not in learned_graphs:
+                learned = seed_space(vectors, idx, cls, metric_weight)
+                learned_graphs[key] = embedding_graph(idx, cls) if learned is None else knn_graph(learned, k)[0]
+            return learned_graphs[key]
+
+        def blend_graphs(idx: np.ndarray, cls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return embedding_graph(idx, cls), seed_metric_graph(idx, cls)
+
+        # the space the labels spread in: both graphs (blend), or one chosen by the held-out seeds
         n_classes = len(classes)
-        spaces = {EMBEDDING_SPACE: embedding_graph}
+        spaces: dict[str, NeighboursFor] = {EMBEDDING_SPACE: embedding_graph}
         if seed_space_possible(seed_class, metric_weight):
             spaces[SEED_METRIC_SPACE] = seed_metric_graph
+            if space_rule == "blend":
+                spaces[BLEND_SPACE] = blend_graphs
         checked = {
             name: cross_validate(fn, seed_index, seed_class, n_classes, folds, seed) for name, fn in spaces.items()
         }
-        plain_cv, metric_cv = checked[EMBEDDING_SPACE], checked.get(SEED_METRIC_SPACE)
-        better = plain_cv is not None and metric_cv is not None and metric_cv.accuracy > plain_cv.accuracy
-        space = SEED_METRIC_SPACE if better else EMBEDDING_SPACE  # ties and too few seeds: the label-free space
+        space = choose_space(checked, space_rule)  # too few seeds: the label-free space
         neighbours = spaces[space](seed_index, seed_class)
-        f = spread(neighbours, seed_index, seed_class, n_classes)
+        f = spread_on(neighbours, seed_index, seed_class, n_classes)
         margin = _margin(f)  # before the fallback: a node no seed reached is as uncertain as it gets
         unreached = _fill_unreached(f, vectors, seed_index, seed_class)
         pred, raw = _scores(f)
@@ -417,6 +463,7 @@ def annotate_with_params(
         seed=params.base.seed,
         graph=graph,
         metric_weight=params.annotate.metric_weight,
+        space_rule=params.annotate.space_rule,
     )
 
 

@@ -197,6 +197,13 @@ class AnnotateParams(_Section):
         description="Weight of the block learned from the seeds (LDA) in the space labels spread in; 0 = the "
         "label-free embedding only (tasks/annotation.py seed_space).",
     )
+    space_rule: Literal["blend", "better", "margin"] = Field(
+        "blend",
+        description="How the embedding and the seed-metric space are used (tasks/annotation.py choose_space): "
+        "blend = spread on both graphs, class scores averaged; better = the seed metric alone when its held-out "
+        "seed accuracy is higher; margin = the seed metric unless the embedding is better by more than one "
+        "standard error (bench/RESULTS.md).",
+    )
 
 
 class LocalizeParams(_Section):

@@ -1,24 +1,36 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from tasks.annotation import (
+    BLEND_SPACE,
     EMBEDDING_SPACE,
     HUMAN_SEED,
     NAMED_CLUSTER,
     SEED_METRIC_SPACE,
     SEED_PROPAGATION,
     UNNAMED,
+    HeldOut,
     HumanInputError,
     HumanInputs,
+    _margin,
     annotate,
+    annotate_with_params,
+    choose_space,
     cross_validate,
     knn_graph,
     label_next,
     load_cluster_names,
     load_seeds,
     review_order,
+    seed_space,
+    spread,
 )
+from tasks.config import Params, load_params
 from tasks.evaluation import label_metrics
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _blobs(seed=0):
@@ -197,8 +209,8 @@ def test_seed_metric_is_used_when_held_out_seeds_say_it_helps():
     seeds = {images[i]: y[i] for i in range(40)}
     human = HumanInputs({}, seeds, None, "x")
     clusters, conf = np.zeros(len(y), int), np.ones(len(y))
-    plain = annotate(images, v, clusters, conf, human, 0.9, 0.1, metric_weight=0.0)
-    learned = annotate(images, v, clusters, conf, human, 0.9, 0.1, metric_weight=1.0)
+    plain = annotate(images, v, clusters, conf, human, 0.9, 0.1, metric_weight=0.0, space_rule="better")
+    learned = annotate(images, v, clusters, conf, human, 0.9, 0.1, metric_weight=1.0, space_rule="better")
     acc = {name: label_metrics(list(y[40:]), a.labels[40:], a.needs_review[40:])["overall_accuracy"]
            for name, a in (("plain", plain), ("learned", learned))}
     assert plain.space == EMBEDDING_SPACE and learned.space == SEED_METRIC_SPACE
@@ -230,3 +242,64 @@ def test_each_fold_graph_is_built_without_its_held_out_seeds():
     assert len(seen) == 4 and all(len(h) == 10 for h in hidden)
     assert set().union(*hidden) == set(range(40))  # every seed held out exactly once
     assert held is not None and len(held.raw) == len(held.hit) == 40
+
+
+def _held(hits):
+    hits = np.asarray(hits, dtype=bool)
+    return HeldOut(np.full(len(hits), 0.5), hits)
+
+
+def test_margin_rule_keeps_the_seed_metric_unless_the_embedding_is_clearly_better():
+    # 20 held-out seeds, both spaces on the same folds: both right on 10, only the metric on 3, only the embedding
+    # on 4, neither on 3; d = metric - embedding: mean -0.05, SE 0.135 -> "better" switches to the embedding,
+    # "margin" does not (a one-seed difference that the folds could flip)
+    metric = [True] * 10 + [True] * 3 + [False] * 4 + [False] * 3
+    plain_close = [True] * 10 + [False] * 3 + [True] * 4 + [False] * 3
+    close = {EMBEDDING_SPACE: _held(plain_close), SEED_METRIC_SPACE: _held(metric)}
+    assert choose_space(close, "better") == EMBEDDING_SPACE
+    assert choose_space(close, "margin") == SEED_METRIC_SPACE
+    # the embedding right on all 20 (6 more): mean(d) = -0.3, SE = 0.105 -> the embedding under both rules
+    clear = {EMBEDDING_SPACE: _held([True] * 20), SEED_METRIC_SPACE: _held(metric)}
+    assert choose_space(clear, "better") == choose_space(clear, "margin") == EMBEDDING_SPACE
+    # a tie: "better" keeps the embedding, "margin" the seed metric; too few seeds: the embedding for every rule
+    tie = {EMBEDDING_SPACE: _held(metric), SEED_METRIC_SPACE: _held(metric)}
+    assert (choose_space(tie, "better"), choose_space(tie, "margin")) == (EMBEDDING_SPACE, SEED_METRIC_SPACE)
+    for rule in ("better", "margin", "blend"):
+        assert choose_space({EMBEDDING_SPACE: None}, rule) == EMBEDDING_SPACE
+    with pytest.raises(ValueError, match="space rule"):
+        choose_space(clear, "best")
+
+
+def test_blend_spreads_on_both_graphs_and_averages_the_scores():
+    v, y = _nuisance()
+    images = [f"i{i}" for i in range(len(y))]
+    seeds = {images[i]: y[i] for i in range(40)}
+    human = HumanInputs({}, seeds, None, "x")
+    clusters, conf = np.zeros(len(y), int), np.ones(len(y))
+    blend = annotate(images, v, clusters, conf, human, 0.9, 0.1, space_rule="blend")
+    assert blend.space == BLEND_SPACE
+    assert set(blend.held_out_accuracy) == {EMBEDDING_SPACE, SEED_METRIC_SPACE, BLEND_SPACE}
+    seed_index, seed_class = np.arange(40), (y[:40] == "b").astype(int)
+    f_plain = spread(knn_graph(v, 10)[0], seed_index, seed_class, 2)
+    f_metric = spread(knn_graph(seed_space(v, seed_index, seed_class, 1.0), 10)[0], seed_index, seed_class, 2)
+    expected = (f_plain + f_metric) / 2
+    assert np.allclose(blend.margin[40:], _margin(expected)[40:])
+    assert blend.labels[40:] == [("a", "b")[c] for c in expected.argmax(axis=1)[40:]]
+    # neither space alone gives these margins: the blend is not one of the two spaces under another name
+    assert not np.allclose(_margin(f_plain)[40:], _margin(expected)[40:])
+    assert not np.allclose(_margin(f_metric)[40:], _margin(expected)[40:])
+    # "better" spreads on the seed-metric graph alone here (it predicts held-out seeds better)
+    better = annotate(images, v, clusters, conf, human, 0.9, 0.1, space_rule="better")
+    assert better.space == SEED_METRIC_SPACE and np.allclose(better.margin[40:], _margin(f_metric)[40:])
+
+
+def test_the_project_default_averages_the_two_spaces():
+    # bench/RESULTS.md "Averaging the two spaces, or a margin for the seed metric": the blend is the default
+    v, y = _nuisance()
+    images = [f"i{i}" for i in range(len(y))]
+    human = HumanInputs({}, {images[i]: y[i] for i in range(40)}, None, "x")
+    params = load_params(ROOT / "params.yaml")
+    assert params.annotate.space_rule == Params().annotate.space_rule == "blend"
+    ann = annotate_with_params(params, images, v, np.zeros(len(y), int), np.ones(len(y)), human)
+    assert ann.space == BLEND_SPACE
+    assert annotate(images, v, np.zeros(len(y), int), np.ones(len(y)), human, 0.9, 0.1).space == BLEND_SPACE

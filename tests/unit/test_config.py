@@ -38,6 +38,7 @@ def test_unknown_section_is_named(tmp_path):
         ("cluster.k=many", "cluster.k"),
         ("embed.blocks={morph: 1, sift: 1}", "embed.blocks"),  # a misspelt block fails at load, not at embed
         ("embed.blocks={morph: -0.5}", "embed.blocks"),
+        ("annotate.space_rule=average", "annotate.space_rule"),
     ],
 )
 def test_bad_override_values_name_the_key(override, key):
