@@ -203,12 +203,16 @@ def _nuisance(seed=0):
     return v.astype(np.float32), y
 
 
-def test_seed_metric_is_used_when_held_out_seeds_say_it_helps():
+def _nuisance_seeded(n_seeds: int = 40):
+    """:func:`_nuisance` with image names, the first ``n_seeds`` images as seeds, one cluster of confidence 1."""
     v, y = _nuisance()
     images = [f"i{i}" for i in range(len(y))]
-    seeds = {images[i]: y[i] for i in range(40)}
-    human = HumanInputs({}, seeds, None, "x")
-    clusters, conf = np.zeros(len(y), int), np.ones(len(y))
+    human = HumanInputs({}, {images[i]: y[i] for i in range(n_seeds)}, None, "x")
+    return v, y, images, human, np.zeros(len(y), int), np.ones(len(y))
+
+
+def test_seed_metric_is_used_when_held_out_seeds_say_it_helps():
+    v, y, images, human, clusters, conf = _nuisance_seeded()
     plain = annotate(images, v, clusters, conf, human, 0.9, 0.1, metric_weight=0.0, space_rule="better")
     learned = annotate(images, v, clusters, conf, human, 0.9, 0.1, metric_weight=1.0, space_rule="better")
     acc = {name: label_metrics(list(y[40:]), a.labels[40:], a.needs_review[40:])["overall_accuracy"]
@@ -271,11 +275,7 @@ def test_margin_rule_keeps_the_seed_metric_unless_the_embedding_is_clearly_bette
 
 
 def test_blend_spreads_on_both_graphs_and_averages_the_scores():
-    v, y = _nuisance()
-    images = [f"i{i}" for i in range(len(y))]
-    seeds = {images[i]: y[i] for i in range(40)}
-    human = HumanInputs({}, seeds, None, "x")
-    clusters, conf = np.zeros(len(y), int), np.ones(len(y))
+    v, y, images, human, clusters, conf = _nuisance_seeded()
     blend = annotate(images, v, clusters, conf, human, 0.9, 0.1, space_rule="blend")
     assert blend.space == BLEND_SPACE
     assert set(blend.held_out_accuracy) == {EMBEDDING_SPACE, SEED_METRIC_SPACE, BLEND_SPACE}
@@ -295,9 +295,7 @@ def test_blend_spreads_on_both_graphs_and_averages_the_scores():
 
 def test_the_project_default_averages_the_two_spaces():
     # bench/RESULTS.md "Averaging the two spaces, or a margin for the seed metric": the blend is the default
-    v, y = _nuisance()
-    images = [f"i{i}" for i in range(len(y))]
-    human = HumanInputs({}, {images[i]: y[i] for i in range(40)}, None, "x")
+    v, y, images, human, _, _ = _nuisance_seeded()
     params = load_params(ROOT / "params.yaml")
     assert params.annotate.space_rule == Params().annotate.space_rule == "blend"
     ann = annotate_with_params(params, images, v, np.zeros(len(y), int), np.ones(len(y)), human)
