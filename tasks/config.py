@@ -48,7 +48,10 @@ class ValidateParams(_Section):
     max_aspect: float = Field(10.0, ge=1.0, description="Longest side / shortest side.")
     min_contrast: float = Field(2.0, ge=0.0, description="Minimum grey-level std (0-255 scale): below = blank.")
     min_sharpness: float = Field(
-        1.0, ge=0.0, description="Minimum variance of the Laplacian of the 128 px grey thumbnail: below = blurred."
+        2.0,
+        ge=0.0,
+        description="Minimum variance of the Laplacian of the grey image (reduced to 128 px when larger, never "
+        "enlarged): below = blurred.",
     )
     formats: list[str] = Field(default_factory=lambda: ["PNG", "JPEG", "BMP", "TIFF", "GIF", "WEBP", "PPM"])
     near_duplicate_similarity: float = Field(

@@ -58,7 +58,9 @@ from tasks.datasets import ImageDecodeError, decode, open_image, to_grey_u8
 from tasks.parallel import Mapper, spans
 
 SUITES_DIR = Path(__file__).resolve().parent / "suites"
-THUMB_SIDE = 128  # the sharpness is measured on the grey image resized so that its longest side is this
+THUMB_SIDE = 128
+"""The sharpness is measured on the grey image reduced so that its longest side is at most this (never enlarged:
+see :func:`_sharpness`)."""
 NEAR_THUMB_SIDE = 32  # near duplicates: the perceptual hash and the similarity are computed on this square thumbnail
 DEFAULT_WORKERS = min(2, os.cpu_count() or 1)
 """Workers measuring images when the caller does not say (forked processes on Linux, else threads; see
@@ -152,13 +154,21 @@ def _pixels(img: Image.Image) -> np.ndarray:
     return np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(img.height, img.width)
 
 
-def _sharpness(img: Image.Image) -> float:
-    """Variance of the Laplacian of the grey image resized (BILINEAR) so that its longest side is 128 px."""
+def _sharpness(img: Image.Image, raw: bytes | None = None) -> float:
+    """Variance of the Laplacian of the grey image, reduced (BILINEAR) to 128 px on its longest side when larger.
+
+    A smaller image is measured as it is. Enlarging it first (as before 2026-12) invents no detail and acts as a
+    low-pass filter: it divided a sharp 80-96 px image's value by 5-8 while a blurred one's barely moved, so the
+    smaller a sharp image, the closer it came to the blur threshold. It was also a quarter of the stage's CPU on
+    small images (bench/RESULTS.md, Performance). ``raw``: the image's ``tobytes()`` when the caller has them.
+    """
     w, h = img.size
-    scale = THUMB_SIDE / max(h, w)
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    thumb = img if size == (w, h) else img.resize(size, Image.Resampling.BILINEAR)
-    return laplacian_variance(_pixels(thumb))
+    if max(w, h) > THUMB_SIDE:
+        scale = THUMB_SIDE / max(h, w)
+        return laplacian_variance(
+            _pixels(img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR))
+        )
+    return laplacian_variance(_pixels(img) if raw is None else np.frombuffer(raw, dtype=np.uint8).reshape(h, w))
 
 
 def _unreadable_row(rel: str, reason: str, file_sha: str | None) -> dict[str, object]:
@@ -222,10 +232,10 @@ def image_stats(root: Path, rel: str, max_pixels: int) -> dict[str, object]:
 
     Returns a dict with the keys of :data:`IMAGE_STAT_COLUMNS`: ``readable`` and ``error`` (the decoder's reason,
     ``""`` when readable); ``format``, ``mode``, ``width``, ``height``, ``frames`` as the file declares them;
-    ``sharpness`` (variance of the Laplacian of the 128 px grey thumbnail, 0-255 scale), ``brightness`` (mean
-    grey), ``contrast`` (std of grey), ``aspect`` (longest / shortest side); ``pixel_hash`` (sha256 of the
-    decoded grey pixels and their shape: the exact-duplicate key), ``phash`` (perceptual hash, 16 hex digits) and
-    ``file_sha256`` (of the file's bytes). Unreadable images have NaN / None stats.
+    ``sharpness`` (variance of the Laplacian of the grey image, reduced to 128 px when larger; 0-255 scale),
+    ``brightness`` (mean grey), ``contrast`` (std of grey), ``aspect`` (longest / shortest side); ``pixel_hash``
+    (sha256 of the decoded grey pixels and their shape: the exact-duplicate key), ``phash`` (perceptual hash, 16 hex
+    digits) and ``file_sha256`` (of the file's bytes). Unreadable images have NaN / None stats.
     """
     with _bomb_warnings_are_errors():
         row, thumb = _measure(str(root), rel, max_pixels)
@@ -269,8 +279,9 @@ def _measure(root: str, rel: str, max_pixels: int) -> tuple[dict[str, object], n
         return _unreadable_row(rel, f"empty image ({info['width']}x{info['height']} pixels)", file_sha), None
     w, h = img.size
     brightness, contrast = _mean_std(img.histogram())
+    raw = img.tobytes()
     pixel_hash = hashlib.sha256(f"{h}x{w}:".encode())
-    pixel_hash.update(img.tobytes())
+    pixel_hash.update(raw)
     thumb = _pixels(img.resize((NEAR_THUMB_SIDE, NEAR_THUMB_SIDE), Image.Resampling.BOX))
     return {
         "image": rel,
@@ -281,7 +292,7 @@ def _measure(root: str, rel: str, max_pixels: int) -> tuple[dict[str, object], n
         "width": int(info["width"]),
         "height": int(info["height"]),
         "frames": int(info["frames"]),
-        "sharpness": _sharpness(img),
+        "sharpness": _sharpness(img, raw),
         "brightness": brightness,
         "contrast": contrast,
         "aspect": max(h, w) / min(h, w),
