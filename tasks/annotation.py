@@ -13,7 +13,9 @@ seeds say which directions separate the classes the human cares about. Which of 
 by the seeds themselves (held-out accuracy in cross-validation), so a handful of seeds cannot make it worse. The raw
 propagation score is calibrated on the seeds themselves (cross-validated: hide a fold of seeds, propagate from the
 rest, and fit an isotonic map from score to "was right"), so ``confidence`` means the estimated probability that
-the label is correct. Images below ``accept_confidence`` abstain (``needs_review``).
+the label is correct. Images below ``accept_confidence`` abstain (``needs_review``). With
+``annotate.probe_weight > 0`` the spreading's class shares are mixed with a supervised probe fitted on the seeds
+(:func:`probe_scores`, a logistic regression), in the calibration folds as in the final labels.
 
 ``label-next`` asks about the images nearest a decision boundary: the smallest *margin* between the propagated
 shares of the two likeliest classes (margin sampling). The calibrated confidence is a step function of the score
@@ -250,6 +252,62 @@ def seed_space(vectors: np.ndarray, seed_index: np.ndarray, seed_class: np.ndarr
     return np.hstack([x / x_scale, weight * z / z_scale]).astype(np.float32)
 
 
+def probe_scores(
+    vectors: np.ndarray, seed_index: np.ndarray, seed_class: np.ndarray, n_classes: int
+) -> np.ndarray | None:
+    """Class probabilities ``(N, n_classes)`` of a logistic-regression probe fitted on the seed vectors only.
+
+    Columns are the class indices ``0..n_classes-1``; a class without a seed here has probability 0. None when the
+    seeds hold fewer than 2 classes (nothing to fit). Standardised inputs, ``C=1``, balanced class weights (rare
+    classes have few seeds).
+    """
+    if len(np.unique(seed_class)) < 2:
+        return None
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x = np.asarray(vectors)
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, class_weight="balanced", max_iter=2000))
+    probe.fit(x[seed_index], seed_class)
+    proba = np.zeros((len(x), n_classes))
+    proba[:, probe.classes_] = probe.predict_proba(x)
+    return proba
+
+
+def with_probe(
+    f: np.ndarray, vectors: np.ndarray, seed_index: np.ndarray, seed_class: np.ndarray, weight: float
+) -> np.ndarray:
+    """``(1 - weight) * S + weight * P``: S the spreading scores ``f`` as per-row shares, P the probe's
+    probabilities (:func:`probe_scores`, fitted on ``seed_index`` only); rows the spreading never reached stay 0
+    (they keep the nearest-seed fallback and confidence 0 of :func:`_fill_unreached`). ``f`` itself when
+    ``weight`` is 0 or the seeds hold fewer than 2 classes.
+
+    Why (issue 5, labelling economics): label spreading does not use more labels well (DeepPCB clean set: overall
+    accuracy .938 at a 2 % budget, .929 at 5 %), while the classes are linearly separable in the same vectors (a
+    logistic regression on all labels: .97); a probe fitted on the seeds gains from every extra label.
+    """
+    if weight <= 0:
+        return f
+    return mix_probe(f, probe_scores(vectors, seed_index, seed_class, f.shape[1]), weight)
+
+
+def mix_probe(f: np.ndarray, proba: np.ndarray | None, weight: float) -> np.ndarray:
+    """The mix of :func:`with_probe` with the probe's probabilities given (None or ``weight`` 0: ``f``)."""
+    if weight <= 0 or proba is None:
+        return f
+    total = f.sum(axis=1, keepdims=True)
+    reached = total[:, 0] > 1e-12
+    shares = np.divide(f, total, out=np.zeros_like(f, dtype=float), where=total > 0)
+    combined = (1 - weight) * shares + weight * proba
+    combined[~reached] = 0.0
+    return combined
+
+
+Scorer = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
+"""(spread class scores, seed indices, their classes) → the class scores labels are predicted and scored from (e.g.
+:func:`with_probe`); fitted on the given seeds only."""
+
 NeighboursFor = Callable[[np.ndarray, np.ndarray], np.ndarray | tuple[np.ndarray, ...]]
 """(seed indices, their classes) → the kNN lists the labels spread on (the graph may depend on the seeds); a tuple
 of them: the class scores are averaged over the graphs (:func:`spread_on`)."""
@@ -274,11 +332,14 @@ def cross_validate(
     n_classes: int,
     folds: int,
     seed: int,
+    scorer: Scorer | None = None,
 ) -> HeldOut | None:
     """Hide each fold of seeds in turn and propagate from the rest; None when there are too few seeds.
 
     Each fold's graph is built from the other folds' seeds only (``neighbours_for``): a metric learned from the
-    held-out seeds would make them look easier than the images they stand for.
+    held-out seeds would make them look easier than the images they stand for. ``scorer`` (the probe of
+    :func:`with_probe`), when given, turns each fold's spread scores into the final ones, fitted on the fold's
+    training seeds only.
     """
     if len(seed_index) < 2 * folds or n_classes < 2:
         return None
@@ -289,6 +350,8 @@ def cross_validate(
         held = fold_of == f_id
         neighbours = neighbours_for(seed_index[~held], seed_class[~held])
         f = spread_on(neighbours, seed_index[~held], seed_class[~held], n_classes)
+        if scorer is not None:
+            f = scorer(f, seed_index[~held], seed_class[~held])
         pred, raw = _scores(f[seed_index[held]])
         raws.append(raw)
         hits.append(pred == seed_class[held])
@@ -359,6 +422,7 @@ def annotate(
     graph: tuple[np.ndarray, np.ndarray] | None = None,
     metric_weight: float = 1.0,
     space_rule: str = "blend",
+    probe_weight: float = 0.0,
 ) -> Annotation:
     """A label, a confidence and a source for every image.
 
@@ -367,6 +431,8 @@ def annotate(
     ``vectors`` when the caller has it. With ``metric_weight > 0`` and enough seeds, the labels also spread on the
     graph of :func:`seed_space`; ``space_rule`` says how the two are combined or chosen (:func:`choose_space`):
     by default (blend) the two class-score matrices are averaged, which does not flip with the calibration folds.
+    With ``probe_weight > 0`` the propagated shares are mixed with a logistic probe on the seeds (:func:`with_probe`),
+    in every calibration fold (probe fitted on that fold's training seeds) and for the final labels alike.
     """
     n = len(images)
     labels = [f"cluster-{int(c)}" for c in clusters]
@@ -409,12 +475,24 @@ def annotate(
             spaces[SEED_METRIC_SPACE] = seed_metric_graph
             if space_rule == "blend":
                 spaces[BLEND_SPACE] = blend_graphs
+        probes: dict[bytes, np.ndarray | None] = {}  # a fold's probe serves every candidate space
+
+        def probe_scorer(f: np.ndarray, idx: np.ndarray, cls: np.ndarray) -> np.ndarray:
+            key = idx.tobytes() + cls.tobytes()
+            if key not in probes:
+                probes[key] = probe_scores(vectors, idx, cls, n_classes)
+            return mix_probe(f, probes[key], probe_weight)
+
+        scorer = probe_scorer if probe_weight > 0 else None
         checked = {
-            name: cross_validate(fn, seed_index, seed_class, n_classes, folds, seed) for name, fn in spaces.items()
+            name: cross_validate(fn, seed_index, seed_class, n_classes, folds, seed, scorer)
+            for name, fn in spaces.items()
         }
         space = choose_space(checked, space_rule)  # too few seeds: the label-free space
         neighbours = spaces[space](seed_index, seed_class)
         f = spread_on(neighbours, seed_index, seed_class, n_classes)
+        if scorer is not None:
+            f = scorer(f, seed_index, seed_class)
         margin = _margin(f)  # before the fallback: a node no seed reached is as uncertain as it gets
         unreached = _fill_unreached(f, vectors, seed_index, seed_class)
         pred, raw = _scores(f)
@@ -464,6 +542,7 @@ def annotate_with_params(
         graph=graph,
         metric_weight=params.annotate.metric_weight,
         space_rule=params.annotate.space_rule,
+        probe_weight=params.annotate.probe_weight,
     )
 
 

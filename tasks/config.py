@@ -207,6 +207,13 @@ class AnnotateParams(_Section):
         "seed accuracy is higher; margin = the seed metric unless the embedding is better by more than one "
         "standard error (bench/RESULTS.md).",
     )
+    probe_weight: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="Weight of a logistic-regression probe fitted on the seeds, mixed with the propagated class "
+        "shares (tasks/annotation.py with_probe); 0 = label spreading alone.",
+    )
 
 
 class LocalizeParams(_Section):

@@ -301,3 +301,99 @@ def test_the_project_default_averages_the_two_spaces():
     ann = annotate_with_params(params, images, v, np.zeros(len(y), int), np.ones(len(y)), human)
     assert ann.space == BLEND_SPACE
     assert annotate(images, v, np.zeros(len(y), int), np.ones(len(y)), human, 0.9, 0.1).space == BLEND_SPACE
+
+
+def _plain_probe(v, seed_index, seed_class):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    probe = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, class_weight="balanced", max_iter=2000))
+    return probe.fit(v[seed_index], seed_class)
+
+
+def test_probe_weight_one_labels_like_a_plain_logistic_regression_on_the_seeds():
+    v, y, images, human, clusters, conf = _nuisance_seeded()
+    seed_index, seed_class = np.arange(40), (y[:40] == "b").astype(int)
+    probe = _plain_probe(v, seed_index, seed_class)
+    ann = annotate(images, v, clusters, conf, human, 0.9, 0.1, probe_weight=1.0)
+    expected = [("a", "b")[c] for c in probe.predict(v)]
+    assert ann.labels[40:] == expected[40:]
+    assert np.allclose(ann.margin[40:], _margin(probe.predict_proba(v))[40:])
+    # the spreading alone labels some images otherwise: the test would notice a probe that is not used
+    spread_only = annotate(images, v, clusters, conf, human, 0.9, 0.1)
+    assert spread_only.labels[40:] != expected[40:]
+    # half and half: the mean of the spread shares and the probe's probabilities
+    half = annotate(images, v, clusters, conf, human, 0.9, 0.1, probe_weight=0.5)
+    assert half.labels[40:] != expected[40:] or half.labels[40:] != spread_only.labels[40:]
+
+
+def test_probe_columns_follow_the_class_indices_and_absent_classes_get_zero():
+    from tasks.annotation import probe_scores
+
+    v, y = _blobs()
+    seed_index = np.concatenate([np.flatnonzero(y == "common")[:5], np.flatnonzero(y == "rare")[:5]])
+    seed_class = np.array([0] * 5 + [2] * 5)  # class 1 has no seed here
+    p = probe_scores(v, seed_index, seed_class, 3)
+    assert p.shape == (len(y), 3) and np.all(p[:, 1] == 0) and np.allclose(p.sum(axis=1), 1)
+    assert (p.argmax(axis=1)[y == "rare"] == 2).all() and (p.argmax(axis=1)[y == "common"] == 0).all()
+    assert probe_scores(v, seed_index[:5], seed_class[:5], 3) is None  # one class: nothing to fit
+
+
+def test_held_out_seeds_are_never_scored_by_a_probe_that_saw_them():
+    # no structure, more dimensions than seeds: a probe memorises its training seeds, so a probe fitted on all the
+    # seeds would score every held-out seed right; honest folds are at chance
+    rng = np.random.default_rng(3)
+    v = rng.normal(size=(300, 80))
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    y = np.array(["a", "b"] * 150)
+    images = [f"i{i}" for i in range(300)]
+    human = HumanInputs({}, {images[i]: y[i] for i in range(60)}, None, "x")
+    seed_index, seed_class = np.arange(60), (y[:60] == "b").astype(int)
+    probe = _plain_probe(v, seed_index, seed_class)
+    assert (probe.predict(v[:60]) == seed_class).all()  # the premise: it memorises
+    ann = annotate(images, v, np.zeros(300, int), np.ones(300), human, 0.9, 0.1, folds=4, probe_weight=1.0)
+    assert max(ann.held_out_accuracy.values()) < 0.75, ann.held_out_accuracy
+
+
+GOLDEN_CONFIDENCE_SUM, GOLDEN_MARGIN_SUM = 396.092505, 196.17699  # _nuisance_seeded() annotated at 1159f91
+
+
+def test_probe_weight_zero_is_the_spreading_alone(monkeypatch):
+    import tasks.annotation as annotation
+
+    v, y, images, human, clusters, conf = _nuisance_seeded()
+    # golden values of the code before the probe existed (commit 1159f91)
+    before = annotate(images, v, clusters, conf, human, 0.9, 0.1)
+    assert round(float(before.confidence.sum()), 6) == GOLDEN_CONFIDENCE_SUM
+    assert round(float(before.margin.sum()), 6) == GOLDEN_MARGIN_SUM
+
+    def no_probe(*args, **kwargs):
+        raise AssertionError("the probe was fitted with probe_weight 0")
+
+    monkeypatch.setattr(annotation, "probe_scores", no_probe)
+    zero = annotate(images, v, clusters, conf, human, 0.9, 0.1, probe_weight=0.0)
+    assert zero.labels == before.labels and zero.held_out_accuracy == before.held_out_accuracy
+    assert np.array_equal(zero.confidence, before.confidence) and np.array_equal(zero.margin, before.margin)
+    params = load_params(ROOT / "params.yaml")
+    assert params.annotate.probe_weight == Params().annotate.probe_weight == 0.0
+    by_params = annotate_with_params(params, images, v, clusters, conf, human)
+    assert np.array_equal(by_params.confidence, before.confidence)
+
+
+def test_the_probe_leaves_images_no_seed_reached_to_review():
+    # a part of the graph without seeds: the probe has an opinion there, but the spreading has no evidence, so
+    # these images keep the nearest-seed fallback with confidence 0 and margin 0, as without the probe
+    rng = np.random.default_rng(5)
+    parts = [np.eye(8)[j] * 4 + rng.normal(0, 0.3, (n, 8)) for j, n in ((0, 30), (1, 30), (5, 12))]
+    v = np.concatenate(parts)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    images = [f"i{i}" for i in range(len(v))]
+    seeds = {images[i]: "a" for i in range(8)} | {images[30 + i]: "b" for i in range(8)}
+    human = HumanInputs({}, seeds, None, "x")
+    far = np.arange(60, 72)
+    for w in (0.0, 0.5, 1.0):
+        ann = annotate(images, v, np.zeros(len(v), int), np.ones(len(v)), human, 0.9, 0.1, k=5, folds=3,
+                       probe_weight=w)
+        assert np.all(ann.confidence[far] == 0) and np.all(ann.margin[far] == 0) and ann.needs_review[far].all()
+        assert ann.margin[16:30].min() > 0 and ann.margin[38:60].min() > 0

@@ -39,6 +39,8 @@ def test_unknown_section_is_named(tmp_path):
         ("embed.blocks={morph: 1, sift: 1}", "embed.blocks"),  # a misspelt block fails at load, not at embed
         ("embed.blocks={morph: -0.5}", "embed.blocks"),
         ("annotate.space_rule=average", "annotate.space_rule"),
+        ("annotate.probe_weight=1.5", "annotate.probe_weight"),
+        ("annotate.probe_weight=-0.1", "annotate.probe_weight"),
     ],
 )
 def test_bad_override_values_name_the_key(override, key):
