@@ -208,11 +208,12 @@ class AnnotateParams(_Section):
         "standard error (bench/RESULTS.md).",
     )
     probe_weight: float = Field(
-        0.0,
+        0.5,
         ge=0.0,
         le=1.0,
         description="Weight of a logistic-regression probe fitted on the seeds, mixed with the propagated class "
-        "shares (tasks/annotation.py with_probe); 0 = label spreading alone.",
+        "shares (tasks/annotation.py with_probe); 0 = label spreading alone. 0.5 adopted by a rule written before "
+        "measuring (bench/RESULTS.md, bench/results/simulate-probe-trials.json).",
     )
 
 

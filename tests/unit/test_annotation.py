@@ -375,10 +375,20 @@ def test_probe_weight_zero_is_the_spreading_alone(monkeypatch):
     zero = annotate(images, v, clusters, conf, human, 0.9, 0.1, probe_weight=0.0)
     assert zero.labels == before.labels and zero.held_out_accuracy == before.held_out_accuracy
     assert np.array_equal(zero.confidence, before.confidence) and np.array_equal(zero.margin, before.margin)
-    params = load_params(ROOT / "params.yaml")
-    assert params.annotate.probe_weight == Params().annotate.probe_weight == 0.0
+    params = load_params(ROOT / "params.yaml", ["annotate.probe_weight=0"])
     by_params = annotate_with_params(params, images, v, clusters, conf, human)
     assert np.array_equal(by_params.confidence, before.confidence)
+
+
+def test_the_project_default_mixes_in_the_probe():
+    # bench/RESULTS.md "A logistic probe on the seeds beside label spreading": adopted at 0.5 by a pre-written rule
+    v, y, images, human, clusters, conf = _nuisance_seeded()
+    params = load_params(ROOT / "params.yaml")
+    assert params.annotate.probe_weight == Params().annotate.probe_weight == 0.5
+    ann = annotate_with_params(params, images, v, clusters, conf, human)
+    half = annotate(images, v, clusters, conf, human, 0.9, 0.1, probe_weight=0.5)
+    assert ann.labels == half.labels and np.array_equal(ann.margin, half.margin)
+    assert not np.array_equal(ann.margin, annotate(images, v, clusters, conf, human, 0.9, 0.1).margin)
 
 
 def test_the_probe_leaves_images_no_seed_reached_to_review():
