@@ -583,7 +583,10 @@ def simulate_cmd(
     rounds: Annotated[int, typer.Option(min=1, help="Rounds of label-next → label → propagate.")] = 4,
     retrain: Annotated[bool, typer.Option(help="Run the retrain flow first (else reuse the workspace's).")] = True,
     params: Annotated[Path | None, typer.Option("--params", help="params.yaml to use.")] = None,
-    overrides: Annotated[list[str] | None, typer.Option("--set", help="Override one parameter.")] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override one parameter (with --no-retrain: on top of the workspace's params)."),
+    ] = None,
 ) -> None:
     """Play the human from ground truth: label-next in rounds until the budget is spent, propagate, measure."""
     from tasks.config import ParamsError, load_params
@@ -595,6 +598,11 @@ def simulate_cmd(
         _fail(str(exc))
     if not 0 < budget <= 1:
         _fail(f"--budget must be a share of the images in (0, 1], got {budget}")
+    if params is not None and not retrain:
+        _fail(
+            "--params is for the retrain; with --no-retrain the workspace's recorded params.yaml is used "
+            "(change a setting with --set KEY=VALUE)"
+        )
     environment.configure(workspace)
     if retrain:
         from flows.retrain import retrain as retrain_flow
@@ -611,7 +619,7 @@ def simulate_cmd(
             _fail(f"{type(exc).__name__}: {exc}", code=1)
     from tasks.labelnext import run_simulation
 
-    metrics_path = run_simulation(workspace, labels, budget, rounds)
+    metrics_path = run_simulation(workspace, labels, budget, rounds, list(overrides or []))
     metrics = json.loads(metrics_path.read_text())
     console.print(
         f"labels used {metrics['labels_used']} of {metrics['n_images']} ({budget:.1%}): overall accuracy "

@@ -85,10 +85,16 @@ def write_label_next(workspace: Path, n: int) -> Path:
     return out / "next.csv"
 
 
-def run_simulation(workspace: Path, labels_csv: Path, budget: float, rounds: int) -> Path:
-    """Play the human from ``labels_csv`` on the workspace's last run; write ``results/simulate/``."""
+def run_simulation(
+    workspace: Path, labels_csv: Path, budget: float, rounds: int, overrides: list[str] | None = None
+) -> Path:
+    """Play the human from ``labels_csv`` on the workspace's last run; write ``results/simulate/``.
+
+    The settings are the workspace's recorded params.yaml (those of its last run) with ``overrides`` (``KEY=VALUE``)
+    on top, recorded in the metrics.
+    """
     ws = Workspace.at(workspace)
-    params = load_params(ws.params)
+    params = load_params(ws.params, overrides)
     images, vectors, assignments, _ = _load(ws)
     truth = read_labels(labels_csv, known=set(images))
     keep = [i for i, img in enumerate(images) if img in truth]  # e.g. reference images that carry no label
@@ -109,6 +115,6 @@ def run_simulation(workspace: Path, labels_csv: Path, budget: float, rounds: int
         out / "seed_labels.csv", index=False
     )
     pd.DataFrame(result.rounds).to_csv(out / "rounds.csv", index=False)
-    metrics = {**result.metrics, "n_unlabelled_images_skipped": len(images) - len(keep)}
+    metrics = {**result.metrics, "n_unlabelled_images_skipped": len(images) - len(keep), "overrides": overrides or []}
     metrics = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
     return ws.write_json("simulate", metrics)

@@ -102,25 +102,26 @@ def test_annotate_with_the_tracking_server_down_stops_before_any_work(retrain_ru
     assert {p.name: p.read_bytes() for p in (ws / "human").glob("*") if p.is_file()} == human_before
 
 
+def _simulate_args(synth_data, ws) -> list[str]:
+    return [
+        "simulate",
+        "--images",
+        str(synth_data),
+        "--labels",
+        str(synth_data / "labels.csv"),
+        "--budget",
+        "0.1",
+        "--rounds",
+        "2",
+        "--workspace",
+        str(ws),
+        "--no-retrain",
+    ]
+
+
 def test_simulate_plays_the_human(retrain_run, synth_data):
     ws, _ = retrain_run
-    result = runner.invoke(
-        app,
-        [
-            "simulate",
-            "--images",
-            str(synth_data),
-            "--labels",
-            str(synth_data / "labels.csv"),
-            "--budget",
-            "0.1",
-            "--rounds",
-            "2",
-            "--workspace",
-            str(ws),
-            "--no-retrain",
-        ],
-    )
+    result = runner.invoke(app, _simulate_args(synth_data, ws))
     assert result.exit_code == 0, result.output
     metrics = json.loads((ws / "results/simulate/metrics.json").read_text())
     for key in ("overall_accuracy", "auto_accepted_accuracy", "coverage", "labels_used", "macro_recall"):
@@ -129,3 +130,14 @@ def test_simulate_plays_the_human(retrain_run, synth_data):
     # the human's own labels are right, and propagation must not make things worse than labelling alone
     assert metrics["overall_accuracy"] >= metrics["labels_used"] / metrics["n_images"]
     assert 0 <= metrics["coverage"] <= 1 and 0 <= metrics["macro_recall"] <= 1
+    assert metrics["coverage"] < 1 and metrics["overrides"] == []
+    # --set applies without a retrain too (it was silently ignored): accepting every confidence accepts everything
+    args = _simulate_args(synth_data, ws)
+    accept_all = runner.invoke(app, [*args, "--set", "annotate.accept_confidence=0.0"])
+    assert accept_all.exit_code == 0, accept_all.output
+    loose = json.loads((ws / "results/simulate/metrics.json").read_text())
+    assert loose["coverage"] == 1.0 and loose["overrides"] == ["annotate.accept_confidence=0.0"]
+    assert loose["labels_used"] == metrics["labels_used"]  # label-next asks by margin, not by the threshold
+    # --params would be ignored without a retrain: refused
+    refused = runner.invoke(app, [*args, "--params", str(Path(__file__).resolve().parents[2] / "params.yaml")])
+    assert refused.exit_code != 0 and "--params is for the retrain" in refused.output, refused.output
