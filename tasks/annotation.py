@@ -275,25 +275,17 @@ def probe_scores(
     return proba
 
 
-def with_probe(
-    f: np.ndarray, vectors: np.ndarray, seed_index: np.ndarray, seed_class: np.ndarray, weight: float
-) -> np.ndarray:
+def mix_probe(f: np.ndarray, proba: np.ndarray | None, weight: float) -> np.ndarray:
     """``(1 - weight) * S + weight * P``: S the spreading scores ``f`` as per-row shares, P the probe's
-    probabilities (:func:`probe_scores`, fitted on ``seed_index`` only); rows the spreading never reached stay 0
-    (they keep the nearest-seed fallback and confidence 0 of :func:`_fill_unreached`). ``f`` itself when
-    ``weight`` is 0 or the seeds hold fewer than 2 classes.
+    probabilities (:func:`probe_scores`, fitted on the seeds of the same fold only); rows the spreading never
+    reached stay 0 (they keep the nearest-seed fallback and confidence 0 of :func:`_fill_unreached`). ``f`` itself
+    when ``weight`` is 0 or there is no probe (fewer than 2 classes among the seeds).
 
     Why (issue 5, labelling economics): label spreading does not use more labels well (DeepPCB clean set: overall
     accuracy .938 at a 2 % budget, .929 at 5 %), while the classes are linearly separable in the same vectors (a
-    logistic regression on all labels: .97); a probe fitted on the seeds gains from every extra label.
+    logistic regression on all labels: .97); a probe fitted on the seeds gains from every extra label, and the
+    graph still carries the rare classes that have one or two seeds.
     """
-    if weight <= 0:
-        return f
-    return mix_probe(f, probe_scores(vectors, seed_index, seed_class, f.shape[1]), weight)
-
-
-def mix_probe(f: np.ndarray, proba: np.ndarray | None, weight: float) -> np.ndarray:
-    """The mix of :func:`with_probe` with the probe's probabilities given (None or ``weight`` 0: ``f``)."""
     if weight <= 0 or proba is None:
         return f
     total = f.sum(axis=1, keepdims=True)
@@ -306,7 +298,7 @@ def mix_probe(f: np.ndarray, proba: np.ndarray | None, weight: float) -> np.ndar
 
 Scorer = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 """(spread class scores, seed indices, their classes) → the class scores labels are predicted and scored from (e.g.
-:func:`with_probe`); fitted on the given seeds only."""
+:func:`mix_probe`); fitted on the given seeds only."""
 
 NeighboursFor = Callable[[np.ndarray, np.ndarray], np.ndarray | tuple[np.ndarray, ...]]
 """(seed indices, their classes) → the kNN lists the labels spread on (the graph may depend on the seeds); a tuple
@@ -338,7 +330,7 @@ def cross_validate(
 
     Each fold's graph is built from the other folds' seeds only (``neighbours_for``): a metric learned from the
     held-out seeds would make them look easier than the images they stand for. ``scorer`` (the probe of
-    :func:`with_probe`), when given, turns each fold's spread scores into the final ones, fitted on the fold's
+    :func:`mix_probe`), when given, turns each fold's spread scores into the final ones, fitted on the fold's
     training seeds only.
     """
     if len(seed_index) < 2 * folds or n_classes < 2:
@@ -431,7 +423,7 @@ def annotate(
     ``vectors`` when the caller has it. With ``metric_weight > 0`` and enough seeds, the labels also spread on the
     graph of :func:`seed_space`; ``space_rule`` says how the two are combined or chosen (:func:`choose_space`):
     by default (blend) the two class-score matrices are averaged, which does not flip with the calibration folds.
-    With ``probe_weight > 0`` the propagated shares are mixed with a logistic probe on the seeds (:func:`with_probe`),
+    With ``probe_weight > 0`` the propagated shares are mixed with a logistic probe on the seeds (:func:`mix_probe`),
     in every calibration fold (probe fitted on that fold's training seeds) and for the final labels alike.
     """
     n = len(images)

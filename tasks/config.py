@@ -212,7 +212,7 @@ class AnnotateParams(_Section):
         ge=0.0,
         le=1.0,
         description="Weight of a logistic-regression probe fitted on the seeds, mixed with the propagated class "
-        "shares (tasks/annotation.py with_probe); 0 = label spreading alone. 0.5 adopted by a rule written before "
+        "shares (tasks/annotation.py mix_probe); 0 = label spreading alone. 0.5 adopted by a rule written before "
         "measuring (bench/RESULTS.md, bench/results/simulate-probe-trials.json).",
     )
 
