@@ -323,9 +323,10 @@ def test_probe_weight_one_labels_like_a_plain_logistic_regression_on_the_seeds()
     # the spreading alone labels some images otherwise: the test would notice a probe that is not used
     spread_only = annotate(images, v, clusters, conf, human, 0.9, 0.1)
     assert spread_only.labels[40:] != expected[40:]
-    # half and half: the mean of the spread shares and the probe's probabilities
+    # half and half: a mix of both, so its margins are neither the probe's nor the spreading's
     half = annotate(images, v, clusters, conf, human, 0.9, 0.1, probe_weight=0.5)
-    assert half.labels[40:] != expected[40:] or half.labels[40:] != spread_only.labels[40:]
+    assert not np.allclose(half.margin[40:], ann.margin[40:])
+    assert not np.allclose(half.margin[40:], spread_only.margin[40:])
 
 
 def test_probe_columns_follow_the_class_indices_and_absent_classes_get_zero():
