@@ -154,13 +154,13 @@ def _pixels(img: Image.Image) -> np.ndarray:
     return np.frombuffer(img.tobytes(), dtype=np.uint8).reshape(img.height, img.width)
 
 
-def _sharpness(img: Image.Image, raw: bytes | None = None) -> float:
+def _sharpness(img: Image.Image, raw: bytes) -> float:
     """Variance of the Laplacian of the grey image, reduced (BILINEAR) to 128 px on its longest side when larger.
 
     A smaller image is measured as it is. Enlarging it first (as before 2026-12) invents no detail and acts as a
     low-pass filter: it divided a sharp 80-96 px image's value by 5-8 while a blurred one's barely moved, so the
     smaller a sharp image, the closer it came to the blur threshold. It was also a quarter of the stage's CPU on
-    small images (bench/RESULTS.md, Performance). ``raw``: the image's ``tobytes()`` when the caller has them.
+    small images (bench/RESULTS.md, Performance). ``raw``: the image's ``tobytes()`` (the caller has them).
     """
     w, h = img.size
     if max(w, h) > THUMB_SIDE:
@@ -168,7 +168,7 @@ def _sharpness(img: Image.Image, raw: bytes | None = None) -> float:
         return laplacian_variance(
             _pixels(img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BILINEAR))
         )
-    return laplacian_variance(_pixels(img) if raw is None else np.frombuffer(raw, dtype=np.uint8).reshape(h, w))
+    return laplacian_variance(np.frombuffer(raw, dtype=np.uint8).reshape(h, w))
 
 
 def _unreadable_row(rel: str, reason: str, file_sha: str | None) -> dict[str, object]:
