@@ -72,3 +72,19 @@ def test_mirror_copies_when_links_are_impossible(tmp_path):
         copy = Path(other) / "images" / "a.png"
         assert found.images == ["a.png"] and copy.read_bytes() == (src / "a.png").read_bytes()
         assert not copy.samefile(src / "a.png")
+
+
+def test_workspace_config_beats_a_user_wide_hardlink_cache(tmp_path, monkeypatch):
+    """A user-wide DVC config with ``cache.type hardlink`` would make the cache share inodes with the mirror, i.e. with
+    the user's own files; the workspace's config (written in-process, not by ``dvc config``) overrides it."""
+    user_dir = tmp_path / "user-dvc"
+    user_dir.mkdir()
+    (user_dir / "config").write_text("[cache]\n    type = hardlink\n[core]\n    analytics = true\n")
+    monkeypatch.setenv("DVC_GLOBAL_CONFIG_DIR", str(user_dir))
+    src, ws = tmp_path / "src", Workspace.at(tmp_path / "ws")
+    _png(src / "a.png", 3)
+    versioning.version_data(ws, src, None, None, push=False)
+    cmd = [sys.executable, "-m", "dvc", "config", "--list"]
+    listed = subprocess.run(cmd, cwd=ws.root, capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "cache.type=reflink,copy" in listed and "core.analytics=false" in listed
+    assert not _cached(ws, (src / "a.png").read_bytes()).samefile(src / "a.png")
