@@ -124,6 +124,9 @@ def measure(cmd: list[str], log_path: Path, timeout: float | None = None) -> dic
         # reference but is floored by this bench's own RSS: Linux carries it across fork and exec
         "peak_rss_mb": peak_one or round(usage.ru_maxrss / 1024),
         "wait4_maxrss_mb": round(usage.ru_maxrss / 1024),  # Linux: KB
+        # CPU seconds of the process and every descendant it reaped (DVC, the Prefect server): a side that is slower
+        # with the same CPU waited (scheduling, I/O); one with more CPU did more work
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
         "peak_tree_rss_mb": round(peak_tree / 2**20),
         "load_before": before,
         "load_after": load_average(),
