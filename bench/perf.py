@@ -369,7 +369,7 @@ class Bench:
         return value
 
     def flow(self, n: int, pair: int = 0) -> dict[str, Any]:
-        key, ws = pair_key("flow", n, pair), self.ws / pair_key("flow", n, pair).replace(":", "-").replace("#", "-p")
+        key, ws = pair_key("flow", n, pair), self.ws / pair_key("flow", n, pair, path=True)
         if (m := self.have(key, ws)) is not None:
             return m
         images = images_set(self.data, n)
@@ -393,7 +393,7 @@ class Bench:
         )
 
     def plain(self, n: int, pair: int = 0) -> dict[str, Any]:
-        key, ws = pair_key("plain", n, pair), self.ws / pair_key("plain", n, pair).replace(":", "-").replace("#", "-p")
+        key, ws = pair_key("plain", n, pair), self.ws / pair_key("plain", n, pair, path=True)
         if (m := self.have(key, ws)) is not None:
             return m
         fill_workspace(ws, images_set(self.data, n))
@@ -654,8 +654,11 @@ def ratios(state: dict[str, Any], mode: str, sizes: dict[str, Any]) -> dict[str,
     return out
 
 
-def pair_key(side: str, n: int, pair: int) -> str:
-    """``flow:N`` / ``plain:N`` for the first pair (older measurements), ``flow:N#i`` for the pair ``i``."""
+def pair_key(side: str, n: int, pair: int, path: bool = False) -> str:
+    """``flow:N`` / ``plain:N`` for the first pair (older measurements), ``flow:N#i`` for the pair ``i``; with
+    ``path``, the workspace folder's name (``flow-N``, ``flow-N-pi``)."""
+    if path:
+        return f"{side}-{n}" + (f"-p{pair}" if pair else "")
     return f"{side}:{n}" + (f"#{pair}" if pair else "")
 
 

@@ -213,7 +213,7 @@ def _remote_urls(ws: Workspace) -> dict[str, str | None]:
     return {level: config.load_one(level).get("remote", {}).get("storage", {}).get("url") for level in levels}
 
 
-def _set_remote(ws: Workspace, url: str) -> str:
+def _configure_dvc(ws: Workspace, url: str) -> str:
     """Make ``url`` the default remote ``storage`` (other options of the remote, e.g. ``endpointurl``, are kept),
     with DVC's analytics off and a copying cache (in-process: two ``dvc config`` subprocesses cost ~0.8 s).
 
@@ -320,7 +320,7 @@ def check_remote(ws: Workspace, remote: str | None, retries: int, backoff: float
 
 def init_workspace(ws: Workspace, remote: str | None) -> str:
     """Make ``ws`` a git + DVC repo with a default remote (idempotent); return the remote URL as recorded
-    (credentials masked, see :func:`_set_remote`).
+    (credentials masked, see :func:`_configure_dvc`).
 
     The remote: ``remote`` (``version.remote``), else ``$AUTOLABEL_DVC_REMOTE``, else ``<workspace>/dvc-remote``.
     """
@@ -335,7 +335,7 @@ def init_workspace(ws: Workspace, remote: str | None) -> str:
     url = _remote(ws, remote)
     if url == str(ws.dvc_remote):
         ws.dvc_remote.mkdir(exist_ok=True)
-    url = _set_remote(ws, url)
+    url = _configure_dvc(ws, url)
     shutil.copyfile(PROJECT_ROOT / "dvc.yaml", ws.root / "dvc.yaml")
     ws.human.mkdir(exist_ok=True)
     readme = ws.human / "README.md"
