@@ -666,8 +666,8 @@ def orchestration(m: dict[str, Any], n: int) -> dict[str, Any]:
     """``orchestration_overhead`` over every flow/plain pair of a mode.
 
     Whichever side of a pair runs first is the slower one on this VM (session 8: flow first 0.111-0.128, plain
-    first 0.057-0.090, same code), so with both orders measured the value is the mean of the two orders' means
-    (order-balanced); with one pair, that pair's ratio."""
+    first 0.057-0.090, same code), so the value is the mean of the two orders' means (order-balanced) when both
+    orders were measured."""
     pairs = []
     for i in range(100):
         f, p = m.get(pair_key("flow", n, i)), m.get(pair_key("plain", n, i))
@@ -689,7 +689,7 @@ def orchestration(m: dict[str, Any], n: int) -> dict[str, Any]:
         for first in ("flow", "plain")
         if any(x["first"] == first for x in pairs)
     }
-    value = statistics.mean(by_order.values()) if len(by_order) == 2 else pairs[0]["value"]
+    value = statistics.mean(by_order.values())  # one order only (--pairs 1): that order's mean
     return {
         "value": round(value, 3),
         "order_balanced": len(by_order) == 2,
