@@ -40,6 +40,7 @@ Data sets, workspaces and logs go to ``--data-dir`` (``/tmp/perf``); ``--mode NA
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shlex
@@ -48,7 +49,7 @@ import statistics
 import subprocess
 import sys
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -402,7 +403,7 @@ class Bench:
         return self.record(key, {"n": n, "workspace": str(ws), **m, "stages": child_json(Path(m["log"]))})
 
     def refresh(self, n: int) -> dict[str, Any]:
-        ws = self.ws / f"flow-{n}"
+        ws = self.ws / pair_key("flow", n, 0, path=True)  # the workspace flow(n) made
         if (m := self.have(f"refresh:{n}", ws)) is not None:
             return m
         self.flow(n)
@@ -662,6 +663,11 @@ def pair_key(side: str, n: int, pair: int, path: bool = False) -> str:
     return f"{side}:{n}" + (f"#{pair}" if pair else "")
 
 
+def started(measurement: dict[str, Any]) -> datetime:
+    """When a measurement's command started: its end (``at``, UTC with the date) minus its duration."""
+    return datetime.fromisoformat(measurement["at"]) - timedelta(seconds=measurement["seconds"])
+
+
 def orchestration(m: dict[str, Any], n: int) -> dict[str, Any]:
     """``orchestration_overhead`` over every flow/plain pair of a mode.
 
@@ -669,11 +675,11 @@ def orchestration(m: dict[str, Any], n: int) -> dict[str, Any]:
     first 0.057-0.090, same code), so the value is the mean of the two orders' means (order-balanced) when both
     orders were measured."""
     pairs = []
-    for i in range(100):
+    for i in itertools.count():
         f, p = m.get(pair_key("flow", n, i)), m.get(pair_key("plain", n, i))
         if f is None or p is None:
             break
-        plain_first = p["start_clock"] < f["start_clock"] if "start_clock" in p and "start_clock" in f else False
+        plain_first = started(p) < started(f)
         pairs.append(
             {
                 "value": round((f["seconds"] - p["seconds"]) / f["seconds"], 3),
